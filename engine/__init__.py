@@ -1,0 +1,4 @@
+"""tapui's engine: sandbox, userspace network stack, TLS interception, HTTP decoding, exports.
+
+Nothing here imports the UI (textual or tapui).
+"""

@@ -1,0 +1,66 @@
+"""The sandbox's address plan: its own addresses, the host alias and `--add-host` names.
+
+Inside the sandbox 127.0.0.1 is the sandbox's own loopback; the host's loopback is reached only
+through synthetic gateway-side addresses that tapui maps to a real address when it dials.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+HOST_ALIAS = "host.tapui.internal"
+SANDBOX_V4 = "169.254.77.2"
+GATEWAY_V4 = "169.254.77.1"
+SANDBOX_V6 = "fd7a:7a70:7a70::2"
+GATEWAY_V6 = "fd7a:7a70:7a70::1"
+_FIRST_EXTRA = 10  # synthetic addresses for --add-host start at .10 / ::a
+
+
+@dataclass
+class AddressPlan:
+    #: synthetic address inside the sandbox -> the address tapui dials on the host
+    mapped: dict[str, str] = field(default_factory=dict)
+    #: lower-case name -> synthetic addresses answered by tapui's DNS
+    names: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, add_hosts: list[tuple[str, str]]) -> AddressPlan:
+        plan = cls()
+        plan.mapped[GATEWAY_V4] = "127.0.0.1"
+        plan.mapped[GATEWAY_V6] = "::1"
+        plan.names[HOST_ALIAS] = [GATEWAY_V4, GATEWAY_V6]
+        v4 = ipaddress.IPv4Address(GATEWAY_V4)
+        v6 = ipaddress.IPv6Address(GATEWAY_V6)
+        for i, (name, target) in enumerate(add_hosts):
+            family = ipaddress.ip_address(target).version
+            synthetic = str((v4 if family == 4 else v6) + _FIRST_EXTRA - 1 + i)
+            plan.mapped[synthetic] = target
+            plan.names.setdefault(name.lower().rstrip("."), []).append(synthetic)
+        return plan
+
+    def upstream_address(self, dialled: str) -> str:
+        """What tapui dials on the host for an address the app dialled."""
+        return self.mapped.get(dialled, dialled)
+
+    def lookup(self, name: str) -> list[str] | None:
+        return self.names.get(name.lower().rstrip("."))
+
+    def name_of(self, address: str) -> str | None:
+        for name, addresses in self.names.items():
+            if address in addresses:
+                return name
+        return None
+
+
+def parse_add_host(spec: str) -> tuple[str, str]:
+    """`NAME:IP` (IPv6 in brackets or bare) -> (name, ip); ValueError with a clear message."""
+    name, sep, ip = spec.partition(":")
+    if not sep or not name or not ip:
+        raise ValueError(f"--add-host wants NAME:IP, got {spec!r}")
+    ip = ip.strip("[]")
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise ValueError(f"--add-host {spec!r}: {ip!r} is not an IP address") from None
+    return name, ip

@@ -1,0 +1,261 @@
+"""One capture session: the sandboxed command, the stack on its TUN device, and the relay.
+
+`Capture.start()` prepares everything that can fail with a clear message (CA, sandbox);
+`Capture.run()` is the asyncio side: it lets the command run, relays until it exits (or, with
+keep_running, until no process is left in the sandbox), then tears the stack down and returns
+the command's exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import tls
+from engine.addresses import GATEWAY_V4, AddressPlan
+from engine.errors import EXIT_INTERNAL, TapuiError
+from engine.flow import ConnectionSummary, FlowBus
+from engine.netstack import Netstack
+from engine.procinfo import ProcessFinder
+from engine.proxy import Proxy, ProxyOptions
+from engine.runstatus import CommandState, RunStatus
+from engine.sandbox import DEFAULT_TUN, TUN_ENV, Sandbox, SandboxConfig, exit_status
+
+#: System CA bundle paths that get the tapui CA appended inside the sandbox (those that exist).
+CA_BUNDLE_PATHS = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+]
+TRUST_ENV = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "DENO_CERT",
+    "GIT_SSL_CAINFO",
+    "AWS_CA_BUNDLE",
+]
+KEEP_RUNNING_POLL = 0.5
+
+
+@dataclass
+class CaptureOptions:
+    argv: list[str]
+    tun_path: str = field(default_factory=lambda: os.environ.get(TUN_ENV, DEFAULT_TUN))
+    add_hosts: list[tuple[str, str]] = field(default_factory=list)
+    keep_running: bool = False
+    intercept_tls: bool = True
+    insecure: bool = False
+    upstream_ca: list[str] = field(default_factory=list)
+    ignore_hosts: list[str] = field(default_factory=list)
+    body_cap: int = 64 * 1024 * 1024
+    ca_dir: Path | None = None
+    #: Command I/O: None inherits tapui's (headless); the UI passes a pty's slave fd.
+    output_fd: int | None = None
+    interactive: bool = True  # headless: the command keeps the terminal
+
+
+class Capture:
+    def __init__(self, options: CaptureOptions, bus: FlowBus, status: RunStatus) -> None:
+        self.options = options
+        self.bus = bus
+        self.status = status
+        self.plan = AddressPlan.build(options.add_hosts)
+        self.workdir = Path(tempfile.mkdtemp(prefix="tapui-"))
+        self.sandbox: Sandbox | None = None
+        self.tun_fd: int | None = None
+        self.ca: tls.CertificateAuthority | None = None
+        self.proxy: Proxy | None = None
+        self.netstack: Netstack | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        #: Called with a ConnectionSummary for each closed connection (headless lines).
+        self.connection_listeners: list[Callable[[ConnectionSummary], None]] = []
+        self._tty_fd: int | None = None
+
+    # ---- preparing ----------------------------------------------------------------------
+
+    def _trust_setup(self, env: dict[str, str]) -> list[tuple[str, str]]:
+        mounts: list[tuple[str, str]] = []
+        if not self.options.intercept_tls:
+            return mounts
+        try:
+            self.ca = tls.CertificateAuthority.load_or_create(
+                self.options.ca_dir or tls.default_directory()
+            )
+            bundle = tls.trust_bundle(self.ca, self.workdir)
+        except OSError as exc:
+            raise TapuiError(
+                f"tapui cannot prepare its certificate authority: {exc}", EXIT_INTERNAL
+            ) from None
+        seen: set[str] = set()
+        for path in CA_BUNDLE_PATHS:
+            if os.path.exists(path):
+                real = os.path.realpath(path)
+                if real not in seen:
+                    seen.add(real)
+                    mounts.append((str(bundle), real))
+        for name in TRUST_ENV:
+            env[name] = str(bundle)
+        env["NODE_EXTRA_CA_CERTS"] = str(self.ca.cert_path)
+        try:
+            store = tls.java_truststore(self.ca, self.workdir)
+        except Exception:  # noqa: BLE001 - Java trust is a convenience
+            store = None
+        if store is not None:
+            java = f"-Djavax.net.ssl.trustStore={store} -Djavax.net.ssl.trustStoreType=PKCS12"
+            java += " -Djavax.net.ssl.trustStorePassword=changeit"
+            env["JDK_JAVA_OPTIONS"] = " ".join(filter(None, [env.get("JDK_JAVA_OPTIONS"), java]))
+        return mounts
+
+    def start(self) -> None:
+        """Set up the CA and the sandbox; raises TapuiError with the user-facing message."""
+        env = dict(os.environ)
+        mounts = self._trust_setup(env)
+        resolv = self.workdir / "resolv.conf"
+        resolv.write_text(f"nameserver {GATEWAY_V4}\noptions timeout:2 attempts:2\n")
+        if os.path.exists("/etc/resolv.conf"):
+            mounts.append((str(resolv), os.path.realpath("/etc/resolv.conf")))
+        out = self.options.output_fd
+        interactive = self.options.interactive and out is None
+        cfg = SandboxConfig(
+            argv=self.options.argv,
+            env=env,
+            cwd=os.getcwd(),
+            tun_path=self.options.tun_path,
+            mounts=mounts,
+            stdin=None if interactive else (out if out is not None else None),
+            stdout=out,
+            stderr=out,
+            own_process_group=interactive and self._foreground_tty() is not None,
+            new_session=out is not None,
+        )
+        if out is not None:
+            cfg.stdin = os.open(os.devnull, os.O_RDONLY)
+        self.sandbox = Sandbox(cfg)
+        try:
+            self.tun_fd = self.sandbox.start()
+        finally:
+            if out is not None and cfg.stdin is not None:
+                os.close(cfg.stdin)
+        self.status.pid = self.sandbox.pid
+
+    def _foreground_tty(self) -> int | None:
+        """stdin's fd when it is a terminal whose foreground process group is ours."""
+        try:
+            if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+                return 0
+        except OSError:
+            return None
+        return None
+
+    # ---- running ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        assert self.sandbox is not None and self.tun_fd is not None
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        sandbox = self.sandbox
+        processes = ProcessFinder(sandbox.pid, sandbox.netns_inode)
+        self.proxy = Proxy(
+            loop,
+            self.plan,
+            self.bus,
+            ProxyOptions(
+                intercept_tls=self.options.intercept_tls,
+                insecure=self.options.insecure,
+                upstream_ca=self.options.upstream_ca,
+                ignore_hosts=[re.compile(p) for p in self.options.ignore_hosts],
+                body_cap=self.options.body_cap,
+            ),
+            self.ca,
+            processes,
+        )
+        self.proxy.closed_listeners.extend(self.connection_listeners)
+        self.netstack = Netstack(self.tun_fd, loop, self.plan, self.proxy.on_connection)
+        self.proxy.dns = self.netstack.dns
+        self.netstack.start()
+        exited = loop.create_future()
+        pidfd = os.pidfd_open(sandbox.pid)
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        if sandbox.cfg.own_process_group:
+            self._tty_fd = self._foreground_tty()
+            if self._tty_fd is not None:
+                os.tcsetpgrp(self._tty_fd, sandbox.pid)
+        try:
+            sandbox.go()
+        except TapuiError:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._restore_tty()
+            self._teardown(processes)
+            raise
+        self.status.state = CommandState.RUNNING
+        try:
+            await exited
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            assert sandbox.proc is not None
+            code = exit_status(sandbox.proc.wait())
+            self._restore_tty()
+            self.status.exit_code = code
+            if self.options.keep_running:
+                while not self._stop.is_set() and sandbox.processes_left():
+                    await asyncio.sleep(KEEP_RUNNING_POLL)
+            else:
+                await asyncio.sleep(0.05)  # let last packets in flight be relayed
+            self.status.state = CommandState.EXITED
+            return code
+        finally:
+            self._teardown(processes)
+
+    def _restore_tty(self) -> None:
+        if self._tty_fd is None:
+            return
+        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(self._tty_fd, os.getpgrp())
+        except OSError:
+            pass
+        finally:
+            signal.signal(signal.SIGTTOU, old)
+            self._tty_fd = None
+
+    def _teardown(self, processes: ProcessFinder) -> None:
+        if self.netstack is not None:
+            self.netstack.close()
+        processes.close()
+        if self.tun_fd is not None:
+            os.close(self.tun_fd)
+            self.tun_fd = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        """Remove temporary files when run() never ran (start failed)."""
+        if self.tun_fd is not None:
+            os.close(self.tun_fd)
+            self.tun_fd = None
+        if self.sandbox is not None:
+            self.sandbox.abort()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def signal_command(self, signum: int) -> None:
+        """Forward a signal to the command (safe from any thread)."""
+        if signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            self._stop.set()
+        proc = self.sandbox.proc if self.sandbox is not None else None
+        if proc is not None and proc.returncode is None:
+            try:
+                os.kill(proc.pid, signum)
+            except ProcessLookupError:
+                pass

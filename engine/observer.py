@@ -1,0 +1,27 @@
+"""The contract between the relay and the protocol decoders.
+
+The relay moves bytes between the app and the upstream unchanged; a `StreamObserver` gets a
+copy of each chunk (plaintext, after TLS is taken off) and turns it into flows on a FlowBus.
+An observer must never raise into the relay: a decoding error marks the flow instead.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class StreamObserver(Protocol):
+    def client_data(self, data: bytes) -> None:
+        """Bytes the app sent toward the server."""
+
+    def server_data(self, data: bytes) -> None:
+        """Bytes the server sent toward the app."""
+
+    def client_eof(self) -> None:
+        """The app half-closed its side (FIN)."""
+
+    def server_eof(self) -> None:
+        """The server half-closed its side."""
+
+    def close(self, error: str | None = None) -> None:
+        """The connection ended; `error` says why when it did not end cleanly."""

@@ -1,0 +1,485 @@
+"""Relaying each app connection to its real destination, and handing a copy to the decoders.
+
+For every SYN the stack reports, the upstream is dialled first (so a refused port is refused for
+the app too); then the first bytes decide: TLS is intercepted (upstream handshake verified first,
+then the app's, offering only the ALPN upstream chose), HTTP goes to its decoder, anything else
+is relayed as a raw TCP flow. Bytes are relayed unchanged in every case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine import procinfo, sniff, tls
+from engine.addresses import AddressPlan
+from engine.dns import DnsResolver
+from engine.flow import Connection, ConnectionSummary, FlowBus, next_connection_id
+from engine.observer import StreamObserver
+from engine.tcp import TcpConnection
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 30.0
+SNIFF_LIMIT = 16 * 1024
+UPSTREAM_HIGH_WATER = 4 * 1024 * 1024
+TLS_READ = 256 * 1024
+# A fatal TLS alert (handshake_failure), sent to the app when the upstream handshake fails.
+TLS_ALERT_HANDSHAKE_FAILURE = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40])
+
+
+@dataclass
+class ProxyOptions:
+    intercept_tls: bool = True
+    insecure: bool = False
+    upstream_ca: list[str] = field(default_factory=list)
+    ignore_hosts: list[re.Pattern[str]] = field(default_factory=list)
+    body_cap: int = 64 * 1024 * 1024
+
+
+class Proxy:
+    """Owns the policy: where to dial, whether to intercept, which observer decodes."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        plan: AddressPlan,
+        bus: FlowBus,
+        options: ProxyOptions,
+        ca: tls.CertificateAuthority | None,
+        processes: procinfo.ProcessFinder | None = None,
+    ) -> None:
+        self.loop = loop
+        self.plan = plan
+        self.bus = bus
+        self.options = options
+        self.ca = ca
+        self.processes = processes
+        self.dns: DnsResolver | None = None
+        self.relays: set[Relay] = set()
+        self.closed_listeners: list[Callable[[ConnectionSummary], None]] = []
+
+    def connection_closed(self, summary: ConnectionSummary) -> None:
+        for listener in self.closed_listeners:
+            listener(summary)
+
+    def on_connection(self, conn: TcpConnection) -> None:
+        relay = Relay(self, conn)
+        self.relays.add(relay)
+        self.loop.create_task(relay.connect())
+
+    def ignored(self, host: str) -> bool:
+        return any(p.search(host) for p in self.options.ignore_hosts)
+
+
+class AppSide:
+    """The TcpConnection's handler: forwards to the relay."""
+
+    __slots__ = ("relay",)
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.from_app(data)
+
+    def eof_received(self) -> None:
+        self.relay.app_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.app_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.relay.upstream is not None:
+            self.relay.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.relay.upstream is not None:
+            self.relay.upstream.resume_reading()
+
+    def upstream_buffered(self) -> int:
+        up = self.relay.upstream
+        return up.get_write_buffer_size() if up is not None else 0
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The asyncio protocol of the host-side socket (plain, or TLS after start_tls)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        self.relay.upstream_eof()
+        return True  # keep our write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        pass  # the app's window shrinks by itself as the buffer grows
+
+    def resume_writing(self) -> None:
+        self.relay.app.window_update()
+
+
+class Relay:
+    def __init__(self, proxy: Proxy, conn: TcpConnection) -> None:
+        self.proxy = proxy
+        self.app = conn
+        self.upstream: asyncio.Transport | None = None
+        self.protocol = UpstreamSide(self)
+        self.observer: StreamObserver | None = None
+        self.mode = "sniff"  # sniff -> plain | tls-handshake -> tls | closed
+        self.pending = bytearray()  # app bytes held while sniffing or handshaking
+        self.tls_app: ssl.SSLObject | None = None
+        self.tls_in: ssl.MemoryBIO | None = None
+        self.tls_out: ssl.MemoryBIO | None = None
+        self.app_eof_seen = False
+        self.upstream_eof_seen = False
+        server_ip, server_port = conn.server
+        self.info = Connection(
+            id=next_connection_id(), client=conn.client, server=conn.server
+        )
+        self.info.upstream = (proxy.plan.upstream_address(server_ip), server_port)
+        named = proxy.dns.name_for(server_ip) if proxy.dns is not None else None
+        self.dns_time = None
+        if named is not None:
+            self.info.hostname, self.dns_time = named
+        else:
+            self.info.hostname = proxy.plan.name_of(server_ip)
+        self.started = time.time()
+        self.sent = 0
+        self.received = 0
+        self.error: str | None = None
+        self.connected: float | None = None
+        self.tls_done: float | None = None
+
+    # ---- connecting -----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        host, port = self.info.upstream  # type: ignore[misc]
+        loop = self.proxy.loop
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: self.protocol, host, port), CONNECT_TIMEOUT
+            )
+        except ConnectionRefusedError:
+            self._failed_connect("connection refused")
+            self.app.refuse()
+            return
+        except TimeoutError:
+            self._failed_connect("connect timed out")
+            self.app.refuse()
+            return
+        except OSError as exc:
+            self._failed_connect(exc.strerror or str(exc))
+            if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+                self.app.unreachable(1 if exc.errno == errno.EHOSTUNREACH else 0)
+            else:
+                self.app.refuse()
+            return
+        self.connected = time.time()
+        self.upstream = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=UPSTREAM_HIGH_WATER)  # type: ignore[attr-defined]
+        if self.app.state == "CLOSED":  # the app gave up while we dialled
+            transport.close()
+            return
+        self.app.accept(AppSide(self))
+        if self.proxy.processes is not None:
+            self.proxy.processes.lookup(self.info, self.app.sport, len(self.app.src) == 16)
+
+    def _failed_connect(self, why: str) -> None:
+        self.mode = "closed"
+        self.proxy.relays.discard(self)
+        self.error = f"upstream {self.info.upstream[0]}:{self.info.upstream[1]}: {why}"  # type: ignore[index]
+        observer = sniff.make_observer("unknown", self.info, self.proxy.bus, "tcp", 0)
+        observer.close(self.error)
+        self._summarise()
+
+    def _summarise(self) -> None:
+        self.proxy.connection_closed(
+            ConnectionSummary(
+                self.info, self.started, time.time(), self.sent, self.received, self.error
+            )
+        )
+
+    # ---- deciding what the connection carries ----------------------------------------------
+
+    def _start_observer(self, kind: str, scheme: str) -> None:
+        self.observer = sniff.make_observer(
+            kind, self.info, self.proxy.bus, scheme, self.proxy.options.body_cap
+        )
+        self._stamp_timings()
+
+    def _stamp_timings(self) -> None:
+        """Connection-level timings, which the observer copies into the connection's first flow."""
+        t = self.info.timings
+        t.start, t.dns, t.connect, t.tls = self.started, self.dns_time, self.connected, self.tls_done
+
+    def from_app(self, data: bytes) -> None:
+        self.sent += len(data)
+        mode = self.mode
+        if mode == "plain":
+            self._to_upstream(data)
+        elif mode == "tls":
+            self._tls_from_app(data)
+        elif mode == "sniff":
+            self.pending += data
+            self._sniff()
+        elif mode == "tls-handshake":
+            self.pending += data
+
+    def _to_upstream(self, data: bytes) -> None:
+        if self.observer is not None:
+            self._observe(self.observer.client_data, data)
+        if self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.write(data)
+
+    def _observe(self, method, data: bytes) -> None:  # type: ignore[no-untyped-def]
+        try:
+            method(data)
+        except Exception:  # a decoder bug must never break the relay
+            log.exception("observer failed")
+            self.observer = None
+
+    def _sniff(self) -> None:
+        buf = bytes(self.pending)
+        kind = sniff.classify(buf)
+        if kind == "need-more" and len(buf) < SNIFF_LIMIT:
+            return
+        if kind == "tls" and self.proxy.options.intercept_tls and self.proxy.ca is not None:
+            try:
+                hello = tls.parse_client_hello(buf)
+            except tls.NotTLS:
+                hello = None
+                kind = "unknown"
+            if hello is None and kind == "tls":
+                if len(buf) < SNIFF_LIMIT * 4:
+                    return  # the ClientHello spans more segments
+                kind = "unknown"
+            if hello is not None:
+                self.info.sni = hello.sni
+                name = hello.sni or self.info.hostname or self.info.server[0]
+                if self.proxy.ignored(name):
+                    self._go_plain("unknown", "tcp")
+                    return
+                self.mode = "tls-handshake"
+                self.proxy.loop.create_task(self._intercept(hello))
+                return
+        if kind == "tls":
+            kind = "unknown"
+        self._go_plain(kind if kind in ("http1", "h2") else "unknown", "http")
+
+    def _go_plain(self, kind: str, scheme: str) -> None:
+        self.mode = "plain"
+        self._start_observer(kind, scheme)
+        data, self.pending = bytes(self.pending), bytearray()
+        if data:
+            self._to_upstream(data)
+        if self.app_eof_seen:
+            self._upstream_write_eof()
+
+    # ---- TLS interception -------------------------------------------------------------------
+
+    async def _intercept(self, hello: tls.ClientHello) -> None:
+        assert self.proxy.ca is not None and self.upstream is not None
+        opts = self.proxy.options
+        server_name = hello.sni or self.info.upstream[0]  # type: ignore[index]
+        try:
+            ctx = tls.upstream_context(hello.alpn, opts.insecure, opts.upstream_ca)
+            transport = await self.proxy.loop.start_tls(
+                self.upstream, self.protocol, ctx, server_hostname=server_name
+            )
+        except (ssl.SSLError, OSError, ConnectionError) as exc:
+            self._tls_failed(f"upstream TLS handshake failed: {_ssl_reason(exc)}")
+            return
+        if transport is None or self.mode == "closed":
+            return
+        self.upstream = transport  # type: ignore[assignment]
+        self.tls_done = time.time()
+        upstream_ssl: ssl.SSLObject = transport.get_extra_info("ssl_object")
+        alpn = upstream_ssl.selected_alpn_protocol()
+        self.info.alpn = alpn
+        self.info.tls_version = upstream_ssl.version()
+        der = upstream_ssl.getpeercert(binary_form=True)
+        if der:
+            self.info.certificate = tls.cert_info(der)
+        try:
+            server_ctx = self.proxy.ca.server_context(
+                hello.sni, self.app.server[0], [alpn] if alpn else []
+            )
+        except Exception as exc:  # noqa: BLE001 - reported on the flow
+            self._tls_failed(f"making a certificate failed: {exc}")
+            return
+        self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls_app = server_ctx.wrap_bio(self.tls_in, self.tls_out, server_side=True)
+        self.mode = "tls"
+        self._start_observer("h2" if alpn == "h2" else "http1", "https")
+        data, self.pending = bytes(self.pending), bytearray()
+        self._tls_from_app(data)
+
+    def _tls_failed(self, why: str) -> None:
+        self.mode = "closed"
+        self.error = why
+        self.proxy.relays.discard(self)
+        self._summarise()
+        observer = sniff.make_observer("unknown", self.info, self.proxy.bus, "tls", 0)
+        observer.close(why)
+        if self.app.state != "CLOSED":
+            self.app.write(TLS_ALERT_HANDSHAKE_FAILURE)
+            self.app.write_eof()
+        if self.upstream is not None:
+            self.upstream.abort()
+
+    def _tls_from_app(self, data: bytes) -> None:
+        assert self.tls_app is not None and self.tls_in is not None
+        if data:
+            self.tls_in.write(data)
+        tls_app = self.tls_app
+        try:
+            if not self._app_handshake_done:
+                tls_app.do_handshake()
+                self._app_handshake_done = True
+            while True:
+                plain = tls_app.read(TLS_READ)
+                if not plain:
+                    break
+                self._to_upstream(plain)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self._flush_tls()
+            self._upstream_write_eof()
+            return
+        except ssl.SSLError as exc:
+            self._flush_tls()
+            why = f"the app rejected tapui's TLS: {_ssl_reason(exc)}"
+            if self._app_handshake_done:
+                why = f"TLS error from the app: {_ssl_reason(exc)}"
+            self._close_observer(why)
+            self.app.write_eof()
+            if self.upstream is not None:
+                self.upstream.close()
+            return
+        self._flush_tls()
+
+    _app_handshake_done = False
+
+    def _flush_tls(self) -> None:
+        out = self.tls_out
+        if out is not None and out.pending:
+            self.app.write(out.read())
+
+    # ---- upstream to app ----------------------------------------------------------------
+
+    def from_upstream(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.mode == "sniff":
+            self._go_plain("unknown", "tcp")  # the server spoke first
+        if self.observer is not None:
+            self._observe(self.observer.server_data, data)
+        if self.mode == "tls":
+            assert self.tls_app is not None
+            try:
+                self.tls_app.write(data)
+            except ssl.SSLError as exc:
+                self._close_observer(f"TLS error toward the app: {_ssl_reason(exc)}")
+                self.app.abort()
+                return
+            self._flush_tls()
+        else:
+            self.app.write(data)
+
+    # ---- closing ----------------------------------------------------------------------------
+
+    def app_eof(self) -> None:
+        self.app_eof_seen = True
+        if self.observer is not None:
+            self._observe(lambda _d: self.observer.client_eof(), b"")  # type: ignore[union-attr]
+        if self.mode == "plain":
+            self._upstream_write_eof()
+        elif self.mode == "tls":
+            self._tls_from_app(b"")  # pending close_notify, then close
+            self._upstream_write_eof()
+
+    def _upstream_write_eof(self) -> None:
+        up = self.upstream
+        if up is None or up.is_closing():
+            return
+        if up.can_write_eof():
+            up.write_eof()
+        elif self.upstream_eof_seen:
+            up.close()
+
+    def upstream_eof(self) -> None:
+        self.upstream_eof_seen = True
+        if self.mode == "sniff":
+            self._go_plain("unknown", "tcp")
+        if self.observer is not None:
+            self._observe(lambda _d: self.observer.server_eof(), b"")  # type: ignore[union-attr]
+        if self.mode == "tls" and self.tls_app is not None:
+            try:
+                self.tls_app.unwrap()
+            except ssl.SSLError:
+                pass
+            self._flush_tls()
+        self.app.write_eof()
+        if self.app_eof_seen and self.upstream is not None and not self.upstream.can_write_eof():
+            self.upstream.close()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self.mode == "closed":
+            return
+        if exc is not None:
+            if self.mode == "tls-handshake":
+                return  # start_tls reports it
+            self._close_observer(f"upstream error: {exc}")
+            self.app.abort()
+        else:
+            if not self.upstream_eof_seen:
+                self.upstream_eof()
+            self._close_observer(None)
+        self._finish()
+
+    def app_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self._close_observer("app reset the connection")
+            if self.upstream is not None:
+                self.upstream.abort()
+        else:
+            self._close_observer(None)
+            if self.upstream is not None and not self.upstream.is_closing():
+                self.upstream.close()
+        self._finish()
+
+    def _close_observer(self, error: str | None) -> None:
+        if error and not self.error:
+            self.error = error
+        observer, self.observer = self.observer, None
+        if observer is not None:
+            try:
+                observer.close(error)
+            except Exception:
+                log.exception("observer failed on close")
+
+    def _finish(self) -> None:
+        if self.mode != "closed" and self.app.state == "CLOSED":
+            self.mode = "closed"
+            self.proxy.relays.discard(self)
+            self._summarise()
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc)

@@ -1,0 +1,430 @@
+"""One TCP connection terminated in userspace: the app's side of a relayed connection.
+
+It behaves toward its handler like an asyncio transport (`write`, `write_eof`, `abort`,
+`get_write_buffer_size`) and calls the handler like an asyncio protocol (`data_received`,
+`eof_received`, `connection_lost`, `pause_writing`, `resume_writing`). The window it advertises
+to the app is the room left in the handler's upstream buffer, so a slow upstream pushes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+from engine import packets
+from engine.packets import ACK, FIN, PSH, RST, SYN
+
+MASK = 0xFFFFFFFF
+RCV_BUF = 4 * 1024 * 1024  # most we let the app send ahead of the upstream
+SND_BUF_HIGH = 4 * 1024 * 1024  # pause the upstream reader above this many unacked bytes
+OUR_WSCALE = 7
+RTO_MIN = 0.2
+RTO_MAX = 10.0
+MAX_RETRIES = 12
+PERSIST_MIN = 0.2
+
+
+def seq_lt(a: int, b: int) -> bool:
+    return ((a - b) & MASK) > 0x7FFFFFFF
+
+
+def seq_le(a: int, b: int) -> bool:
+    return a == b or seq_lt(a, b)
+
+
+class Handler(Protocol):
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+    def upstream_buffered(self) -> int: ...
+
+
+class Writer(Protocol):
+    """What a connection needs from the stack: writing packets, forgetting itself, a loop."""
+
+    loop: asyncio.AbstractEventLoop
+    fd: int
+
+    def forget(self, conn: TcpConnection) -> None: ...
+    def want_ack(self, conn: TcpConnection) -> None: ...
+    def icmp_unreachable(self, conn: TcpConnection, code: int) -> None: ...
+
+
+class TcpConnection:
+    """States, simplified: PENDING (SYN seen, upstream connecting) -> OPEN -> CLOSED."""
+
+    def __init__(
+        self,
+        stack: Writer,
+        src: bytes,
+        sport: int,
+        dst: bytes,
+        dport: int,
+        irs: int,
+        peer_mss: int | None,
+        peer_wscale: int | None,
+        window: int,
+    ) -> None:
+        self.stack = stack
+        self.src, self.sport, self.dst, self.dport = src, sport, dst, dport
+        self.client = (packets.ip_str(src), sport)
+        self.server = (packets.ip_str(dst), dport)
+        self.addr_sum = packets.address_sum(dst, src)  # we send from dst to src
+        self.mss = min(peer_mss or 536, 65535 - (40 if len(src) == 4 else 60) - 20)
+        self.wscale_ok = peer_wscale is not None
+        self.peer_wscale = peer_wscale or 0
+        self.our_wscale = OUR_WSCALE if self.wscale_ok else 0
+        self.rcv_nxt = (irs + 1) & MASK
+        self.iss = int.from_bytes(os.urandom(4), "big")
+        self.snd_una = self.iss
+        self.snd_nxt = (self.iss + 1) & MASK  # SYN takes one sequence number
+        self.snd_max = self.snd_nxt  # highest sequence number sent so far
+        self.fin_seq: int | None = None  # sequence number of our FIN, once sent
+        self.snd_wnd = window  # unscaled in the SYN
+        self.buf = bytearray()  # bytes from snd_una on (sent but unacked, then unsent)
+        self.head = 0
+        self.handler: Handler | None = None
+        self.state = "PENDING"
+        self.fin_pending = False  # handler asked for FIN once the buffer drains
+        self.fin_sent = False
+        self.fin_acked = False
+        self.fin_received = False
+        self.writing_paused = False
+        self.rto = RTO_MIN
+        self.retries = 0
+        self.rto_timer: asyncio.TimerHandle | None = None
+        self.persist_timer: asyncio.TimerHandle | None = None
+        self.persist_backoff = PERSIST_MIN
+        self.dup_acks = 0
+        self.last_window_sent = 0
+        self.on_established: Callable[[], None] | None = None
+        self.syn_packet: bytes | None = None  # quoted in an ICMP unreachable answer
+
+    # ---- to the app -------------------------------------------------------------------
+
+    def _window(self) -> int:
+        buffered = self.handler.upstream_buffered() if self.handler is not None else 0
+        room = max(0, RCV_BUF - buffered)
+        limit = 0xFFFF << self.our_wscale
+        return min(room, limit) >> self.our_wscale
+
+    def _send(self, flags: int, seq: int, payload: bytes = b"", options: bytes = b"") -> None:
+        window = self._window()
+        self.last_window_sent = window
+        hdr = packets.tcp_segment(
+            self.dst,
+            self.src,
+            self.dport,
+            self.sport,
+            seq,
+            self.rcv_nxt if flags & ACK else 0,
+            flags,
+            window,
+            self.addr_sum,
+            len(payload),
+            options,
+        )
+        try:
+            if payload:
+                os.writev(self.stack.fd, [hdr, payload])
+            else:
+                os.write(self.stack.fd, hdr)
+        except BlockingIOError:
+            pass  # the kernel's queue is full: the retransmission timer resends
+        except OSError:
+            pass  # the sandbox is gone
+
+    def send_ack(self) -> None:
+        if self.state in ("OPEN", "SYNACK"):
+            self._send(ACK, self.snd_nxt)
+
+    def accept(self, handler: Handler) -> None:
+        """The upstream is connected: answer the SYN."""
+        if self.state != "PENDING":
+            return
+        self.handler = handler
+        self.state = "SYNACK"
+        self._send_synack()
+
+    def _send_synack(self) -> None:
+        mss = 65535 - 40 if len(self.src) == 4 else 65535 - 60
+        mss = min(mss, 65520 - (40 if len(self.src) == 4 else 60))
+        options = mss.to_bytes(2, "big")
+        options = b"\x02\x04" + options
+        if self.wscale_ok:
+            options += b"\x01\x03\x03" + bytes([self.our_wscale])
+        self.last_window_sent = min(RCV_BUF, 0xFFFF)
+        hdr = packets.tcp_segment(
+            self.dst,
+            self.src,
+            self.dport,
+            self.sport,
+            self.iss,
+            self.rcv_nxt,
+            SYN | ACK,
+            min(RCV_BUF, 0xFFFF),  # the window in a SYN is never scaled
+            self.addr_sum,
+            0,
+            options,
+        )
+        try:
+            os.write(self.stack.fd, hdr)
+        except OSError:
+            pass
+        self._arm_rto()
+
+    def refuse(self) -> None:
+        """The upstream refused: answer the SYN with RST, as the real host would."""
+        self._send(RST | ACK, 0)
+        self._close(None)
+
+    def unreachable(self, code: int) -> None:
+        """The upstream is unreachable: answer with ICMP destination unreachable."""
+        self.stack.icmp_unreachable(self, code)
+        self._close(None)
+
+    # ---- transport API for the handler -----------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.state == "CLOSED" or self.fin_pending:
+            return
+        if self.head and self.head >= len(self.buf) // 2:
+            del self.buf[: self.head]
+            self.head = 0
+        self.buf += data
+        if self.state == "OPEN":
+            self._push()
+        if not self.writing_paused and self.get_write_buffer_size() > SND_BUF_HIGH:
+            self.writing_paused = True
+            if self.handler is not None:
+                self.handler.pause_writing()
+
+    def write_eof(self) -> None:
+        if self.state == "CLOSED" or self.fin_pending:
+            return
+        self.fin_pending = True
+        if self.state == "OPEN":
+            self._push()
+
+    def abort(self) -> None:
+        if self.state in ("OPEN", "SYNACK"):
+            self._send(RST | ACK, self.snd_nxt)
+        self._close(None, notify=False)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.buf) - self.head
+
+    def window_update(self) -> None:
+        """The handler's upstream buffer drained: tell the app it may send again."""
+        if self.state == "OPEN" and self._window() > self.last_window_sent:
+            self._send(ACK, self.snd_nxt)
+
+    # ---- segments from the app ---------------------------------------------------------
+
+    def segment(self, pkt: packets.Packet) -> None:
+        flags = pkt.flags
+        if flags & RST:
+            if self.state == "PENDING" or seq_le(self.rcv_nxt, pkt.seq) or pkt.seq == self.rcv_nxt:
+                self._close(ConnectionResetError("reset by the app"))
+            return
+        if flags & SYN:
+            if self.state == "SYNACK":
+                self._send_synack()  # our SYN-ACK was lost
+            elif self.state == "OPEN":
+                self.send_ack()
+            return  # PENDING: still connecting upstream
+        if self.state == "PENDING":
+            return
+        if not flags & ACK:
+            return
+        if self.state == "SYNACK":
+            if pkt.ack != self.snd_nxt:
+                return
+            self.state = "OPEN"
+            self.snd_una = pkt.ack
+            self._cancel_rto()
+            self.rto = RTO_MIN
+            self.retries = 0
+            if self.on_established is not None:
+                self.on_established()
+        self._process_ack(pkt)
+        if self.state == "CLOSED":
+            return
+        payload = pkt.payload
+        seq = pkt.seq
+        if payload:
+            if seq != self.rcv_nxt:
+                offset = (self.rcv_nxt - seq) & MASK
+                if offset < len(payload):
+                    payload = payload[offset:]  # a retransmission overlapping new data
+                    seq = self.rcv_nxt
+                else:
+                    self.stack.want_ack(self)  # duplicate or out of order: say where we are
+                    payload = b""
+            if payload and not self.fin_received:
+                self.rcv_nxt = (self.rcv_nxt + len(payload)) & MASK
+                self.stack.want_ack(self)
+                if self.handler is not None:
+                    self.handler.data_received(bytes(payload))
+        if flags & FIN and self.state == "OPEN":
+            fin_seq = (pkt.seq + len(pkt.payload)) & MASK
+            if fin_seq == self.rcv_nxt and not self.fin_received:
+                self.fin_received = True
+                self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+                self.send_ack()
+                if self.handler is not None:
+                    self.handler.eof_received()
+                self._maybe_closed()
+            elif self.fin_received:
+                self.send_ack()
+
+    def _process_ack(self, pkt: packets.Packet) -> None:
+        ack = pkt.ack
+        window = pkt.window << self.peer_wscale
+        acked = (ack - self.snd_una) & MASK
+        if acked > ((self.snd_max - self.snd_una) & MASK):
+            return  # acknowledges what we never sent
+        if acked:
+            data_acked = min(acked, len(self.buf) - self.head)
+            self.head += data_acked
+            if self.fin_seq is not None and ack == ((self.fin_seq + 1) & MASK):
+                self.fin_acked = True
+            self.snd_una = ack
+            if seq_lt(self.snd_nxt, ack):
+                self.snd_nxt = ack  # acked beyond a rewind: skip what arrived after all
+            self.dup_acks = 0
+            self.retries = 0
+            self.rto = RTO_MIN
+            self._cancel_rto()
+            if self.snd_una != self.snd_max:
+                self._arm_rto()
+            if self.writing_paused and self.get_write_buffer_size() < SND_BUF_HIGH // 2:
+                self.writing_paused = False
+                if self.handler is not None:
+                    self.handler.resume_writing()
+        elif not pkt.payload and self.snd_una != self.snd_max:
+            if window == self.snd_wnd and not pkt.flags & (SYN | FIN):
+                self.dup_acks += 1
+                if self.dup_acks == 3:
+                    self._retransmit_one()
+        self.snd_wnd = window
+        if window:
+            self._cancel_persist()
+        self._push()
+        self._maybe_closed()
+
+    # ---- sending data ------------------------------------------------------------------
+
+    def _push(self) -> None:
+        if self.state != "OPEN":
+            return
+        while True:
+            offset = (self.snd_nxt - self.snd_una) & MASK
+            if self.fin_sent:
+                break
+            unsent = len(self.buf) - self.head - offset
+            room = self.snd_wnd - offset
+            if unsent > 0:
+                if room <= 0:
+                    if offset == 0:
+                        self._arm_persist()
+                    break
+                n = min(unsent, self.mss, room)
+                start = self.head + offset
+                flags = ACK | (PSH if n == unsent else 0)
+                self._send(flags, self.snd_nxt, self.buf[start : start + n])
+                self.snd_nxt = (self.snd_nxt + n) & MASK
+                if seq_lt(self.snd_max, self.snd_nxt):
+                    self.snd_max = self.snd_nxt
+                self._arm_rto()
+                continue
+            if self.fin_pending and not self.fin_sent and not self.fin_acked:
+                self.fin_seq = self.snd_nxt
+                self._send(FIN | ACK, self.snd_nxt)
+                self.snd_nxt = (self.snd_nxt + 1) & MASK
+                if seq_lt(self.snd_max, self.snd_nxt):
+                    self.snd_max = self.snd_nxt
+                self.fin_sent = True
+                self._arm_rto()
+            break
+
+    def _retransmit_one(self) -> None:
+        outstanding = len(self.buf) - self.head
+        if outstanding > 0:
+            n = min(outstanding, self.mss)
+            self._send(ACK, self.snd_una, self.buf[self.head : self.head + n])
+        elif self.fin_sent and not self.fin_acked:
+            self._send(FIN | ACK, self.snd_una)
+
+    def _arm_rto(self) -> None:
+        if self.rto_timer is None:
+            self.rto_timer = self.stack.loop.call_later(self.rto, self._on_rto)
+
+    def _cancel_rto(self) -> None:
+        if self.rto_timer is not None:
+            self.rto_timer.cancel()
+            self.rto_timer = None
+
+    def _on_rto(self) -> None:
+        self.rto_timer = None
+        if self.state == "CLOSED":
+            return
+        self.retries += 1
+        if self.retries > MAX_RETRIES:
+            self.abort()
+            if self.handler is not None:
+                self.handler.connection_lost(TimeoutError("the app stopped acknowledging"))
+            return
+        self.rto = min(self.rto * 2, RTO_MAX)
+        if self.state == "SYNACK":
+            self._send_synack()
+            return
+        if self.snd_una == self.snd_max:
+            return
+        # Go back to the first unacknowledged byte and send again from there.
+        self.snd_nxt = self.snd_una
+        if self.fin_sent and not self.fin_acked:
+            self.fin_sent = False
+        self.snd_wnd = max(self.snd_wnd, 1)  # a lost window update must not stall us
+        self._push()
+        self._arm_rto()
+
+    def _arm_persist(self) -> None:
+        if self.persist_timer is None:
+            self.persist_timer = self.stack.loop.call_later(self.persist_backoff, self._on_persist)
+
+    def _cancel_persist(self) -> None:
+        if self.persist_timer is not None:
+            self.persist_timer.cancel()
+            self.persist_timer = None
+        self.persist_backoff = PERSIST_MIN
+
+    def _on_persist(self) -> None:
+        """Zero-window probe: an already-acknowledged sequence number makes the app answer."""
+        self.persist_timer = None
+        if self.state != "OPEN" or self.snd_wnd:
+            return
+        self._send(ACK, (self.snd_una - 1) & MASK)
+        self.persist_backoff = min(self.persist_backoff * 2, RTO_MAX)
+        self._arm_persist()
+
+    # ---- closing -----------------------------------------------------------------------
+
+    def _maybe_closed(self) -> None:
+        if self.fin_received and self.fin_acked:
+            self._close(None)
+
+    def _close(self, exc: Exception | None, notify: bool = True) -> None:
+        if self.state == "CLOSED":
+            return
+        self.state = "CLOSED"
+        self._cancel_rto()
+        self._cancel_persist()
+        self.stack.forget(self)
+        handler, self.handler = self.handler, None
+        if notify and handler is not None:
+            handler.connection_lost(exc)

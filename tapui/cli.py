@@ -1,0 +1,329 @@
+"""The `tapui` command line: run a command in the sandbox (with or without the UI), open a
+saved session, show the CA."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from engine.addresses import HOST_ALIAS, parse_add_host
+from engine.capture import Capture, CaptureOptions
+from engine.errors import EXIT_INTERNAL, EXIT_USAGE, TapuiError
+from engine.flow import EventKind, Flow, FlowBus, FlowEvent
+from engine.printer import LinePrinter
+from engine.runstatus import CommandState, RunStatus
+from engine.sandbox import TUN_ENV
+
+EXAMPLES = f"""\
+examples:
+  tapui -- curl -s https://{HOST_ALIAS}:8443/       live UI of every exchange curl makes
+  tapui --no-ui -- python3 app.py                   one line per exchange on stderr
+  tapui --no-ui --har out.har -- ./build.sh         also write a HAR file at exit
+  tapui --add-host api.test:127.0.0.1 -- node app.js   api.test dials the host's loopback
+  tapui open out.har                                browse a saved HAR file
+  tapui ca                                          where tapui's CA is, and its fingerprint
+
+Inside the sandbox, {HOST_ALIAS} reaches the host's 127.0.0.1 and ::1.
+"""
+
+
+def size_arg(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10M or 512K)") from None
+
+
+def add_host_arg(text: str) -> tuple[str, str]:
+    try:
+        return parse_add_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tapui",
+        usage="tapui [options] [--] [COMMAND [ARGS...]]\n       tapui open FILE\n       tapui ca [--pem FILE]",
+        description=(
+            "Run COMMAND in a rootless sandbox and show every HTTP and HTTPS exchange it makes. "
+            "Without COMMAND, runs your $SHELL in the sandbox."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--no-ui",
+        action="store_true",
+        help="no terminal UI: the command keeps the terminal and tapui prints one line per "
+        "exchange and connection to stderr",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="with --no-ui: print no lines")
+    parser.add_argument("--har", metavar="FILE", help="write a HAR 1.2 file of the session at exit")
+    parser.add_argument(
+        "--jsonl", metavar="FILE", help="stream one JSON object per finished flow to FILE ('-' for stdout)"
+    )
+    parser.add_argument(
+        "--add-host",
+        metavar="NAME:IP",
+        type=add_host_arg,
+        action="append",
+        default=[],
+        help="make NAME resolve inside the sandbox and dial IP from the host, e.g. "
+        "--add-host api.test:127.0.0.1 (repeatable)",
+    )
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep capturing after COMMAND exits while processes it started still run",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify upstream TLS certificates (the app then trusts any server)",
+    )
+    parser.add_argument(
+        "--upstream-ca",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="also trust the CA certificates in FILE (PEM) for upstream servers (repeatable)",
+    )
+    parser.add_argument(
+        "--ignore-hosts",
+        metavar="REGEX",
+        action="append",
+        default=[],
+        help="relay TLS to matching hosts untouched, e.g. for pinned clients (repeatable)",
+    )
+    parser.add_argument(
+        "--no-intercept", action="store_true", help="relay all TLS untouched (no CA needed)"
+    )
+    parser.add_argument(
+        "--max-body-size",
+        metavar="SIZE",
+        type=size_arg,
+        default=64 * 1024 * 1024,
+        help="keep at most SIZE bytes of each body (the full size is still recorded; default 64M)",
+    )
+    parser.add_argument(
+        "--tun-device",
+        metavar="PATH",
+        default=os.environ.get(TUN_ENV, "/dev/net/tun"),
+        help=f"TUN clone device to use (default /dev/net/tun, or ${TUN_ENV})",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args_list and args_list[0] == "open":
+            return cmd_open(args_list[1:])
+        if args_list and args_list[0] == "ca":
+            return cmd_ca(args_list[1:])
+        return cmd_run(args_list)
+    except TapuiError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_ca(argv: list[str]) -> int:
+    from engine import tls
+
+    parser = argparse.ArgumentParser(prog="tapui ca", description="Show tapui's CA certificate.")
+    parser.add_argument("--pem", metavar="FILE", help="write the CA certificate (PEM) to FILE ('-' for stdout)")
+    args = parser.parse_args(argv)
+    ca = tls.CertificateAuthority.load_or_create(tls.default_directory())
+    if args.pem == "-":
+        sys.stdout.write(ca.cert_pem.decode())
+        return 0
+    if args.pem:
+        Path(args.pem).write_bytes(ca.cert_pem)
+    print(f"certificate: {ca.cert_path}")
+    print(f"fingerprint (SHA-256): {ca.fingerprint}")
+    print("trusted only inside tapui's sandboxes; never installed system-wide")
+    return 0
+
+
+def cmd_open(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tapui open", description="Browse a saved HAR file.")
+    parser.add_argument("file", help="a HAR file (from tapui, a browser or another tool)")
+    args = parser.parse_args(argv)
+    from tapui.app import run_har_viewer
+
+    return run_har_viewer(args.file)
+
+
+def cmd_run(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        command = [os.environ.get("SHELL") or "/bin/sh"]
+    options = CaptureOptions(
+        argv=command,
+        tun_path=args.tun_device,
+        add_hosts=args.add_host,
+        keep_running=args.keep_running,
+        intercept_tls=not args.no_intercept,
+        insecure=args.insecure,
+        upstream_ca=args.upstream_ca,
+        ignore_hosts=args.ignore_hosts,
+        body_cap=args.max_body_size,
+    )
+    for path in args.upstream_ca:
+        if not os.path.isfile(path):
+            parser.error(f"--upstream-ca {path}: no such file")
+    import re
+
+    for pattern in args.ignore_hosts:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            parser.error(f"--ignore-hosts {pattern!r}: {exc}")
+    bus = FlowBus()
+    recorder = Recorder(bus) if args.har else None
+    jsonl_out = open_jsonl(args.jsonl, bus) if args.jsonl else None
+    status = RunStatus(command=command)
+    try:
+        if args.no_ui:
+            code = run_headless(options, bus, status, quiet=args.quiet)
+        else:
+            code = run_with_ui(options, bus, status)
+    finally:
+        if jsonl_out is not None and jsonl_out is not sys.stdout:
+            jsonl_out.close()
+        if recorder is not None:
+            recorder.write(args.har)
+    return code
+
+
+class Recorder:
+    """Keeps finished flows for the HAR written at exit."""
+
+    def __init__(self, bus: FlowBus) -> None:
+        self.flows: list[Flow] = []
+        self.lock = threading.Lock()
+        bus.subscribe(self)
+
+    def __call__(self, event: FlowEvent) -> None:
+        if event.kind == EventKind.DONE and event.flow.request is not None:
+            with self.lock:
+                self.flows.append(event.flow)
+
+    def write(self, path: str) -> None:
+        from engine.har import write_har
+
+        with self.lock:
+            flows = sorted(self.flows, key=lambda f: f.timings.start)
+        try:
+            write_har(path, flows)
+        except OSError as exc:
+            print(f"tapui: cannot write {path}: {exc.strerror}", file=sys.stderr)
+
+
+def open_jsonl(target: str, bus: FlowBus):  # type: ignore[no-untyped-def]
+    from engine.jsonl import JsonLinesWriter
+
+    try:
+        out = sys.stdout if target == "-" else open(target, "w", buffering=1)  # noqa: SIM115
+    except OSError as exc:
+        raise TapuiError(f"tapui: cannot write {target}: {exc.strerror}", EXIT_USAGE) from None
+    bus.subscribe(JsonLinesWriter(out))
+    return out
+
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def run_headless(options: CaptureOptions, bus: FlowBus, status: RunStatus, quiet: bool) -> int:
+    capture = Capture(options, bus, status)
+    if not quiet:
+        printer = LinePrinter()
+        bus.subscribe(printer)
+        capture.connection_listeners.append(printer.connection_closed)
+    try:
+        capture.start()
+    except BaseException:
+        capture.cleanup()
+        raise
+    return asyncio.run(_headless(capture))
+
+
+async def _headless(capture: Capture) -> int:
+    loop = asyncio.get_running_loop()
+    for signum in FORWARDED_SIGNALS:
+        loop.add_signal_handler(signum, capture.signal_command, signum)
+    return await capture.run()
+
+
+def run_with_ui(options: CaptureOptions, bus: FlowBus, status: RunStatus) -> int:
+    import pty
+
+    from tapui.app import TapuiApp
+
+    master, slave = pty.openpty()
+    options.output_fd = slave
+    options.interactive = False
+    status.output_fd = master
+    capture = Capture(options, bus, status)
+    try:
+        capture.start()
+    except BaseException:
+        capture.cleanup()
+        os.close(slave)
+        os.close(master)
+        raise
+    os.close(slave)
+    result: dict[str, object] = {}
+
+    def engine_thread() -> None:
+        try:
+            result["code"] = asyncio.run(capture.run())
+        except TapuiError as exc:
+            status.state = CommandState.FAILED
+            status.message = str(exc)
+            result["error"] = exc
+        except Exception as exc:  # noqa: BLE001 - shown to the user, not a traceback
+            status.state = CommandState.FAILED
+            status.message = f"tapui's engine failed: {exc}"
+            result["error"] = TapuiError(status.message, EXIT_INTERNAL)
+
+    thread = threading.Thread(target=engine_thread, name="tapui-engine", daemon=True)
+    thread.start()
+    app = TapuiApp(bus=bus, status=status, title="tapui " + " ".join(options.argv))
+    try:
+        app.run()
+    finally:
+        if thread.is_alive():
+            capture.signal_command(signal.SIGTERM)
+            thread.join(3)
+            if thread.is_alive():
+                capture.signal_command(signal.SIGKILL)
+                thread.join(3)
+        try:
+            os.close(master)
+        except OSError:
+            pass
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return int(result.get("code", 0))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
