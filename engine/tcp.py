@@ -34,6 +34,68 @@ def seq_le(a: int, b: int) -> bool:
     return a == b or seq_lt(a, b)
 
 
+class SendQueue:
+    """Bytes waiting for the app's acknowledgement: a list of the chunks as written.
+
+    Segments are cut as memoryviews over the chunks and written with writev, so no byte is
+    copied in Python; acknowledged chunks are dropped from the front.
+    """
+
+    COALESCE = 16 * 1024
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.first = 0  # index of the first live chunk
+        self.offset = 0  # acknowledged bytes of chunks[first]
+        self.size = 0
+
+    def append(self, data: bytes) -> None:
+        chunks = self.chunks
+        if (
+            len(data) < self.COALESCE
+            and len(chunks) > self.first + 1  # never the chunk in front (offset applies)
+            and len(chunks[-1]) < self.COALESCE
+        ):
+            chunks[-1] = chunks[-1] + data  # many small writes: keep the list short
+        else:
+            chunks.append(bytes(data))
+        self.size += len(data)
+
+    def consume(self, n: int) -> None:
+        self.size -= n
+        chunks = self.chunks
+        while n:
+            left = len(chunks[self.first]) - self.offset
+            if n < left:
+                self.offset += n
+                break
+            n -= left
+            self.first += 1
+            self.offset = 0
+        if self.first > 64 or self.first == len(chunks):
+            del chunks[: self.first]
+            self.first = 0
+
+    def view(self, start: int, n: int) -> list[memoryview]:
+        """Pieces covering `n` bytes from `start` (counted from the first unacked byte)."""
+        pieces: list[memoryview] = []
+        start += self.offset
+        chunks = self.chunks
+        for i in range(self.first, len(chunks)):
+            chunk = chunks[i]
+            length = len(chunk)
+            if start >= length:
+                start -= length
+                continue
+            take = min(length - start, n)
+            pieces.append(memoryview(chunk)[start : start + take])
+            n -= take
+            if not n:
+                break
+            start = 0
+        return pieces
+
+
 class Handler(Protocol):
     def data_received(self, data: bytes) -> None: ...
     def eof_received(self) -> None: ...
@@ -85,8 +147,7 @@ class TcpConnection:
         self.snd_max = self.snd_nxt  # highest sequence number sent so far
         self.fin_seq: int | None = None  # sequence number of our FIN, once sent
         self.snd_wnd = window  # unscaled in the SYN
-        self.buf = bytearray()  # bytes from snd_una on (sent but unacked, then unsent)
-        self.head = 0
+        self.sendq = SendQueue()  # bytes from snd_una on: sent but unacked, then unsent
         self.handler: Handler | None = None
         self.state = "PENDING"
         self.fin_pending = False  # handler asked for FIN once the buffer drains
@@ -112,7 +173,9 @@ class TcpConnection:
         limit = 0xFFFF << self.our_wscale
         return min(room, limit) >> self.our_wscale
 
-    def _send(self, flags: int, seq: int, payload: bytes = b"", options: bytes = b"") -> None:
+    def _send(
+        self, flags: int, seq: int, payload: list[memoryview] | None = None, options: bytes = b""
+    ) -> None:
         window = self._window()
         self.last_window_sent = window
         hdr = packets.tcp_segment(
@@ -125,12 +188,12 @@ class TcpConnection:
             flags,
             window,
             self.addr_sum,
-            len(payload),
+            sum(map(len, payload)) if payload else 0,
             options,
         )
         try:
             if payload:
-                os.writev(self.stack.fd, [hdr, payload])
+                os.writev(self.stack.fd, [hdr, *payload])
             else:
                 os.write(self.stack.fd, hdr)
         except BlockingIOError:
@@ -190,12 +253,9 @@ class TcpConnection:
     # ---- transport API for the handler -----------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.state == "CLOSED" or self.fin_pending:
+        if self.state == "CLOSED" or self.fin_pending or not data:
             return
-        if self.head and self.head >= len(self.buf) // 2:
-            del self.buf[: self.head]
-            self.head = 0
-        self.buf += data
+        self.sendq.append(data)
         if self.state == "OPEN":
             self._push()
         if not self.writing_paused and self.get_write_buffer_size() > SND_BUF_HIGH:
@@ -216,7 +276,7 @@ class TcpConnection:
         self._close(None, notify=False)
 
     def get_write_buffer_size(self) -> int:
-        return len(self.buf) - self.head
+        return self.sendq.size
 
     def window_update(self) -> None:
         """The handler's upstream buffer drained: tell the app it may send again."""
@@ -289,8 +349,7 @@ class TcpConnection:
         if acked > ((self.snd_max - self.snd_una) & MASK):
             return  # acknowledges what we never sent
         if acked:
-            data_acked = min(acked, len(self.buf) - self.head)
-            self.head += data_acked
+            self.sendq.consume(min(acked, self.sendq.size))
             if self.fin_seq is not None and ack == ((self.fin_seq + 1) & MASK):
                 self.fin_acked = True
             self.snd_una = ack
@@ -326,7 +385,7 @@ class TcpConnection:
             offset = (self.snd_nxt - self.snd_una) & MASK
             if self.fin_sent:
                 break
-            unsent = len(self.buf) - self.head - offset
+            unsent = self.sendq.size - offset
             room = self.snd_wnd - offset
             if unsent > 0:
                 if room <= 0:
@@ -334,9 +393,8 @@ class TcpConnection:
                         self._arm_persist()
                     break
                 n = min(unsent, self.mss, room)
-                start = self.head + offset
                 flags = ACK | (PSH if n == unsent else 0)
-                self._send(flags, self.snd_nxt, self.buf[start : start + n])
+                self._send(flags, self.snd_nxt, self.sendq.view(offset, n))
                 self.snd_nxt = (self.snd_nxt + n) & MASK
                 if seq_lt(self.snd_max, self.snd_nxt):
                     self.snd_max = self.snd_nxt
@@ -353,10 +411,9 @@ class TcpConnection:
             break
 
     def _retransmit_one(self) -> None:
-        outstanding = len(self.buf) - self.head
+        outstanding = self.sendq.size
         if outstanding > 0:
-            n = min(outstanding, self.mss)
-            self._send(ACK, self.snd_una, self.buf[self.head : self.head + n])
+            self._send(ACK, self.snd_una, self.sendq.view(0, min(outstanding, self.mss)))
         elif self.fin_sent and not self.fin_acked:
             self._send(FIN | ACK, self.snd_una)
 

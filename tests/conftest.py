@@ -1,0 +1,130 @@
+"""Shared fixtures: running tapui around real clients, and real servers on the host's loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import servers
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = Path(__file__).resolve().parent / "clients"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+HOST = "host.tapui.internal"
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def tapui_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tapui.cli", *args]
+
+
+def run_tapui(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None, **kwargs: object
+) -> Run:
+    """`tapui ARGS...` to completion; stdout/stderr captured as text."""
+    proc = subprocess.run(
+        tapui_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def client(name: str) -> str:
+    """Path of a client script from tests/clients (run inside the sandbox)."""
+    return str(CLIENTS / name)
+
+
+@pytest.fixture(scope="session")
+def data_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private XDG data home so the tests' CA never touches the user's."""
+    return tmp_path_factory.mktemp("xdg-data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_xdg(data_home: Path) -> Iterator[None]:
+    old = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(data_home)
+    yield
+    if old is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> None:
+    """Check once that the sandbox starts here; in CI a broken sandbox fails, never skips."""
+    result = run_tapui("--no-ui", "-q", "--", "true", timeout=60)
+    if result.returncode != 0:
+        message = f"tapui's sandbox cannot start here: {result.stderr.strip()}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pool() -> bytes:
+    return servers.random_pool()
+
+
+@pytest.fixture
+def http_port(pool: bytes) -> Iterator[int]:
+    with servers.running(servers.http_server(pool)) as port:
+        yield port
+
+
+@pytest.fixture
+def http_server(pool: bytes) -> Iterator[servers._ThreadingServer]:
+    server = servers.http_server(pool)
+    with servers.running(server):
+        yield server
+
+
+@pytest.fixture
+def http6_port(pool: bytes) -> Iterator[int]:
+    with servers.running(servers.http_server(pool, socket.AF_INET6)) as port:
+        yield port
+
+
+@pytest.fixture
+def digest_port(pool: bytes) -> Iterator[int]:
+    with servers.running(servers.digest_server(pool)) as port:
+        yield port
+
+
+@pytest.fixture
+def digest6_port(pool: bytes) -> Iterator[int]:
+    with servers.running(servers.digest_server(pool, socket.AF_INET6)) as port:
+        yield port
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[servers.UdpEcho]:
+    echo = servers.UdpEcho()
+    echo.start()
+    yield echo
+    echo.stop()
+
+
+def requires_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root on the host (CI runs as root)")

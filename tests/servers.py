@@ -1,0 +1,212 @@
+"""Real servers the tests start on the host's loopback (127.0.0.1 and ::1), in threads."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import random
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+#: Deterministic random bytes both the stress client and the server slice their data from.
+POOL_SEED = 20261122
+POOL_SIZE = 13 * 1024 * 1024
+
+
+def random_pool() -> bytes:
+    return random.Random(POOL_SEED).randbytes(POOL_SIZE)
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 512
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+def _serve(server: socketserver.BaseServer) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    return thread
+
+
+@contextmanager
+def running(server: socketserver.TCPServer) -> Iterator[int]:
+    """Serve until the block ends; yields the port."""
+    thread = _serve(server)
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+class DigestHandler(socketserver.BaseRequestHandler):
+    """The stress protocol: the client sends (n_up, n_down, offset) as 3 x u32, then n_up
+    bytes; the server sends n_down bytes of the pool from `offset` while reading, then the
+    SHA-256 of what it received. Both directions run at once."""
+
+    pool: bytes = b""
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        header = _recv_exact(sock, 12)
+        if header is None:
+            return
+        n_up, n_down, offset = struct.unpack("!III", header)
+        sender = threading.Thread(
+            target=_send_all, args=(sock, memoryview(self.pool)[offset : offset + n_down])
+        )
+        sender.start()
+        digest = hashlib.sha256()
+        left = n_up
+        while left:
+            chunk = sock.recv(min(left, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+        sender.join()
+        sock.sendall(digest.digest())
+
+
+class HalfCloseHandler(socketserver.BaseRequestHandler):
+    """Reads until the client's FIN, then answers with SHA-256(received) + 2 MiB of pool."""
+
+    pool: bytes = b""
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        digest = hashlib.sha256()
+        while chunk := sock.recv(1 << 20):
+            digest.update(chunk)
+        sock.sendall(digest.digest() + self.pool[: 2 * 1024 * 1024])
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def _send_all(sock: socket.socket, data: memoryview) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def digest_server(pool: bytes, family: int = socket.AF_INET) -> _ThreadingServer:
+    handler = type("Handler", (DigestHandler,), {"pool": pool})
+    if family == socket.AF_INET6:
+        return _ThreadingServer6(("::1", 0), handler)
+    return _ThreadingServer(("127.0.0.1", 0), handler)
+
+
+def half_close_server(pool: bytes) -> _ThreadingServer:
+    return _ThreadingServer(("127.0.0.1", 0), type("Handler", (HalfCloseHandler,), {"pool": pool}))
+
+
+class RecordingHTTPHandler(http.server.BaseHTTPRequestHandler):
+    """GET /hello -> text; GET /bytes/N -> N bytes of pool; POST/PUT echo their body's digest.
+    Every request is recorded on the server (method, path, headers, body)."""
+
+    protocol_version = "HTTP/1.1"
+    pool: bytes = b""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _record(self, body: bytes) -> None:
+        self.server.requests.append(  # type: ignore[attr-defined]
+            {
+                "method": self.command,
+                "path": self.path,
+                "headers": list(self.headers.items()),
+                "body": body,
+                "client": self.client_address,
+            }
+        )
+
+    def _reply(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._record(b"")
+        if self.path.startswith("/bytes/"):
+            n = int(self.path.rsplit("/", 1)[1])
+            self._reply(200, self.pool[:n], "application/octet-stream")
+        elif self.path.startswith("/json"):
+            self._reply(200, b'{"hello": "world", "n": [1, 2, 3]}', "application/json")
+        else:
+            self._reply(200, b"hello from the host\n")
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length)
+        self._record(body)
+        self._reply(200, hashlib.sha256(body).hexdigest().encode())
+
+    do_PUT = do_POST
+
+
+def http_server(pool: bytes = b"", family: int = socket.AF_INET) -> _ThreadingServer:
+    handler = type("Handler", (RecordingHTTPHandler,), {"pool": pool})
+    cls = _ThreadingServer6 if family == socket.AF_INET6 else _ThreadingServer
+    server = cls(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0), handler)
+    server.requests = []  # type: ignore[attr-defined]
+    return server
+
+
+class UdpEcho(threading.Thread):
+    """Answers each datagram with b"echo:" + datagram, on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.sock.sendto(b"echo:" + data, addr)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(2)
+        self.sock.close()
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    """A port nothing listens on (bound, then closed)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,155 @@
+"""The sandbox and the userspace stack carry real clients' TCP, UDP and DNS to the host."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+
+import pytest
+
+from tests import servers
+from tests.conftest import HOST, client, run_tapui
+
+pytestmark = pytest.mark.usefixtures("sandbox")
+PY = sys.executable
+
+
+def test_curl_reaches_host_through_alias(http_port: int) -> None:
+    result = run_tapui("--no-ui", "--", "curl", "-sS", f"http://{HOST}:{http_port}/hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+
+
+def test_python_urllib_reaches_host(http_port: int) -> None:
+    code = (
+        "import urllib.request;"
+        f"print(urllib.request.urlopen('http://{HOST}:{http_port}/hello').read().decode(), end='')"
+    )
+    result = run_tapui("--no-ui", "--", PY, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+
+
+def test_python_raw_socket_reaches_host(http_port: int) -> None:
+    result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "raw-http", HOST, str(http_port))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "HTTP/1.1 200 OK hello from the host"
+
+
+def test_node_reaches_host(http_port: int) -> None:
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    code = (
+        f"require('http').get('http://{HOST}:{http_port}/hello', r => {{"
+        "let b=''; r.on('data', d => b += d); r.on('end', () => process.stdout.write(b)); })"
+    )
+    result = run_tapui("--no-ui", "--", "node", "-e", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+
+
+def test_wget_reaches_host(http_port: int) -> None:
+    result = run_tapui(
+        "--no-ui", "--", "wget", "-q", "-O", "-", f"http://{HOST}:{http_port}/hello"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+
+
+def test_add_host_name_dials_given_address(http_port: int) -> None:
+    result = run_tapui(
+        "--no-ui",
+        "--add-host",
+        "api.example.test:127.0.0.1",
+        "--",
+        "curl",
+        "-sS",
+        f"http://api.example.test:{http_port}/hello",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+
+
+def test_sandbox_loopback_is_not_the_hosts(http_port: int) -> None:
+    result = run_tapui(
+        "--no-ui", "--", PY, client("netcheck.py"), "connect", "127.0.0.1", str(http_port)
+    )
+    assert result.stdout.strip() == "refused"
+
+
+def test_concurrent_connections_arrive_byte_exact(digest_port: int) -> None:
+    result = run_tapui(
+        "--no-ui", "-q", "--", PY, client("stress.py"), HOST, str(digest_port), "200", "7",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "ok 200"
+
+
+def test_half_closed_client_still_receives_reply(pool: bytes) -> None:
+    with servers.running(servers.half_close_server(pool)) as port:
+        result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "half-close", HOST, str(port))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "half-close ok"
+
+
+def test_refused_port_is_refused_inside() -> None:
+    port = servers.free_port()
+    result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "connect", HOST, str(port), "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "refused"
+    assert "connection refused" in result.stderr  # the connection line says why
+
+
+def test_ipv6_reaches_hosts_ipv6_loopback(digest6_port: int) -> None:
+    result = run_tapui(
+        "--no-ui", "-q", "--", PY, client("stress.py"), "fd7a:7a70:7a70::1", str(digest6_port),
+        "4", "3",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "ok 4"
+
+
+def test_ipv6_through_alias_name(http6_port: int) -> None:
+    result = run_tapui("--no-ui", "--", "curl", "-6", "-sS", f"http://{HOST}:{http6_port}/hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+
+
+def test_dns_answers_a_and_aaaa_for_alias() -> None:
+    result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "resolve", HOST)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["169.254.77.1", "fd7a:7a70:7a70::1"]
+
+
+def test_dns_query_answered_through_hosts_resolver() -> None:
+    """A real DNS query on the wire; the host's getaddrinfo (so /etc/hosts) answers it."""
+    expected = socket.getaddrinfo("localhost", 80, socket.AF_INET)[0][4][0]
+    result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "dns-query", "localhost", "A")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def test_dns_aaaa_for_add_host_name() -> None:
+    result = run_tapui(
+        "--no-ui", "--add-host", "six.test:::1", "--",
+        PY, client("netcheck.py"), "dns-query", "six.test", "AAAA",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "fd7a:7a70:7a70::a"
+
+
+def test_udp_is_relayed(udp_echo: servers.UdpEcho) -> None:
+    result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "udp", HOST, str(udp_echo.port))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "echo:ping"
+
+
+def test_connection_lines_report_bytes(http_port: int) -> None:
+    url = f"http://{HOST}:{http_port}/bytes/5000"
+    result = run_tapui("--no-ui", "--", "curl", "-4", "-sS", "-o", "/dev/null", url)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if f" tcp {HOST}:{http_port} " in line]
+    assert len(lines) == 1, result.stderr
+    assert "received 5.0 KiB" in lines[0] or "received 5.1 KiB" in lines[0]

@@ -1,0 +1,228 @@
+"""The command's life under tapui: exit codes, signals, --keep-running, environment errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from engine.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TUN, EXIT_USERNS
+from tests.conftest import HOST, ROOT, requires_root, run_tapui, tapui_command
+
+PY = sys.executable
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_exit_code_of_command_is_tapuis() -> None:
+    assert run_tapui("--no-ui", "--", "sh", "-c", "exit 7").returncode == 7
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_death_by_signal_gives_128_plus_n() -> None:
+    assert run_tapui("--no-ui", "--", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
+
+
+def test_command_not_found_is_127_with_message() -> None:
+    result = run_tapui("--no-ui", "--", "no-such-command-tapui")
+    assert result.returncode == EXIT_NOT_FOUND
+    assert result.stderr.strip() == "tapui: command not found: no-such-command-tapui"
+
+
+def test_not_executable_is_126(tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\n")
+    result = run_tapui("--no-ui", "--", str(script))
+    assert result.returncode == EXIT_NOT_EXECUTABLE
+    assert "not executable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_no_command_runs_users_shell() -> None:
+    env = dict(os.environ, SHELL="/bin/sh")
+    proc = subprocess.run(
+        tapui_command("--no-ui"), input="echo from-the-shell; exit 3\n", capture_output=True,
+        text=True, env=env, cwd=ROOT, timeout=60,
+    )
+    assert proc.returncode == 3
+    assert proc.stdout.strip() == "from-the-shell"
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_command_runs_as_the_users_uid_in_the_callers_directory(tmp_path: Path) -> None:
+    code = "import os; print(os.getuid(), os.getcwd())"
+    proc = subprocess.run(
+        tapui_command("--no-ui", "--", PY, "-c", code), capture_output=True, text=True,
+        cwd=tmp_path, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout.split() == [str(os.getuid()), str(tmp_path)]
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_command_has_no_capabilities() -> None:
+    result = run_tapui("--no-ui", "--", "grep", "CapEff", "/proc/self/status")
+    assert result.stdout.split() == ["CapEff:", "0000000000000000"]
+
+
+@pytest.mark.usefixtures("sandbox")
+@pytest.mark.parametrize("signum,expected", [(signal.SIGTERM, 42), (signal.SIGINT, 43)])
+def test_signals_reach_the_command(signum: int, expected: int) -> None:
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
+        "signal.signal(signal.SIGINT, lambda *a: sys.exit(43))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        tapui_command("--no-ui", "-q", "--", PY, "-c", code), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signum)
+        assert proc.wait(30) == expected
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_keep_running_waits_for_background_processes(http_server) -> None:  # type: ignore[no-untyped-def]
+    port = http_server.server_address[1]
+    script = f"(sleep 1; curl -s -o /dev/null http://{HOST}:{port}/late) & exit 0"
+    result = run_tapui("--no-ui", "--keep-running", "--", "sh", "-c", script)
+    assert result.returncode == 0
+    assert [r["path"] for r in http_server.requests] == ["/late"]
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_without_keep_running_tapui_ends_with_the_command(http_server) -> None:  # type: ignore[no-untyped-def]
+    port = http_server.server_address[1]
+    script = f"(sleep 1; curl -s -o /dev/null http://{HOST}:{port}/late) & exit 0"
+    started = time.monotonic()
+    result = run_tapui("--no-ui", "--", "sh", "-c", script)
+    assert result.returncode == 0
+    assert time.monotonic() - started < 1.0 + 5  # did not wait for the background job's curl
+    time.sleep(2)
+    assert http_server.requests == []
+
+
+def test_missing_tun_device_explains_the_fix() -> None:
+    result = run_tapui("--no-ui", "--tun-device", "/nonexistent/tun", "--", "true")
+    assert result.returncode == EXIT_TUN
+    assert "/nonexistent/tun does not exist" in result.stderr
+    assert "modprobe tun" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tun_device_from_environment_variable() -> None:
+    env = dict(os.environ, TAPUI_TUN_DEVICE="/nonexistent/tun2")
+    result = run_tapui("--no-ui", "--", "true", env=env)
+    assert result.returncode == EXIT_TUN
+    assert "/nonexistent/tun2" in result.stderr
+
+
+def test_user_namespaces_disabled_explains_the_fix() -> None:
+    """Inside a user namespace whose user.max_user_namespaces is 0, tapui cannot make its own."""
+    requires_root()
+    script = 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"'
+    proc = subprocess.run(
+        ["unshare", "-U", "-r", "sh", "-c", script, "sh", *tapui_command("--no-ui", "--", "true")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == EXIT_USERNS, proc.stderr
+    assert "user.max_user_namespaces=0" in proc.stderr
+    assert "sysctl" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@contextmanager
+def traversable_interpreter(*extra: Path) -> Iterator[None]:
+    """Let other users traverse (o+x, no listing) the directories above this interpreter and
+    this checkout (and `extra` paths) for the test's duration: pyenv keeps Python under /root, mode 0700."""
+    changed: list[tuple[Path, int]] = []
+    paths = [Path(os.path.realpath(sys.executable)), Path(sys.prefix), Path(sys.base_prefix), ROOT]
+    paths += extra
+    for path in paths:
+        for parent in [path, *path.parents]:
+            mode = parent.stat().st_mode
+            if parent.is_dir() and not mode & stat.S_IXOTH:
+                changed.append((parent, mode))
+                os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)
+    try:
+        yield
+    finally:
+        for parent, mode in reversed(changed):
+            os.chmod(parent, stat.S_IMODE(mode))
+
+
+def _as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def test_unprivileged_user_through_private_tun_node(tmp_path: Path, http_port: int) -> None:
+    """As uid 65534, with a 0666 TUN node the test made (CI runs as root; mknod needs it)."""
+    requires_root()
+    node = tmp_path / "tun"
+    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(10, 200))
+    os.chmod(node, 0o666)
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    os.chmod(tmp_path, 0o755)
+    env = dict(os.environ, TAPUI_TUN_DEVICE=str(node), HOME=str(home), XDG_DATA_HOME=str(home))
+    with traversable_interpreter(tmp_path):
+        proc = subprocess.run(
+            tapui_command("--no-ui", "--", "sh", "-c", f"id -u; curl -sS http://{HOST}:{http_port}/hello"),
+            capture_output=True, text=True, timeout=60, cwd="/", env=env, preexec_fn=_as_nobody,
+            stdin=subprocess.DEVNULL,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "65534\nhello from the host\n"
+
+
+def test_unprivileged_user_without_tun_access_explains_the_fix(tmp_path: Path) -> None:
+    requires_root()
+    node = tmp_path / "tun"
+    os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(10, 200))
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    os.chmod(tmp_path, 0o755)
+    env = dict(os.environ, TAPUI_TUN_DEVICE=str(node), HOME=str(home), XDG_DATA_HOME=str(home))
+    with traversable_interpreter(tmp_path):
+        proc = subprocess.run(
+            tapui_command("--no-ui", "--", "true"), capture_output=True, text=True, timeout=60,
+            cwd="/", env=env, preexec_fn=_as_nobody, stdin=subprocess.DEVNULL,
+        )
+    assert proc.returncode == EXIT_TUN, proc.stderr
+    assert f"chmod 0666 {node}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_explains_options_with_examples() -> None:
+    result = run_tapui("--help")
+    assert result.returncode == 0
+    for option in ("--no-ui", "--har", "--jsonl", "--add-host", "--keep-running", "--insecure",
+                   "--upstream-ca", "--ignore-hosts", "--tun-device"):
+        assert option in result.stdout
+    assert "examples:" in result.stdout
+
+
+def test_bad_add_host_is_a_usage_error() -> None:
+    result = run_tapui("--no-ui", "--add-host", "nonsense", "--", "true")
+    assert result.returncode == 2
+    assert "NAME:IP" in result.stderr
