@@ -1,0 +1,49 @@
+"""Malformed packets written into the stack while a real transfer runs do not disturb it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HOST, ROOT, client, requires_root, tapui_command
+
+pytestmark = pytest.mark.usefixtures("sandbox")
+
+
+def test_malformed_packet_storm_during_transfer(tmp_path: Path, http_port: int) -> None:
+    requires_root()  # entering the sandbox's network namespace to inject packets needs it
+    stop = tmp_path / "stop"
+    proc = subprocess.Popen(
+        tapui_command(
+            "--no-ui", "--", sys.executable, client("transfer.py"), HOST, str(http_port),
+            str(stop),
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        # The command's pid (the sandbox helper exec'd into it) is tapui's only child.
+        child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+        storm = subprocess.run(
+            ["nsenter", f"--net=/proc/{child}/ns/net", sys.executable, client("storm.py"), "40"],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )
+        assert storm.returncode == 0, storm.stderr
+        assert int(storm.stdout.split()[1]) > 1000
+        assert proc.poll() is None  # tapui still runs
+        stop.touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.split()[0] == "ok" and int(out.split()[1]) >= 4
+    assert "Traceback" not in err
+    # The storm's SYNs (odd options, SYN+FIN) reached the stack: each was dialled and refused.
+    assert err.count("connection refused") >= 100, err[-2000:]
