@@ -1,0 +1,117 @@
+"""Guess a connection's protocol from its first client bytes, and pick the matching observer."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Literal
+
+from engine.flow import DEFAULT_BODY_CAP, Connection, Flow, FlowBus, FlowKind, FlowState, Timings
+from engine.http1 import Http1Observer
+from engine.http2 import Http2Observer
+from engine.observer import StreamObserver
+
+Kind = Literal["tls", "http1", "h2", "unknown", "need-more"]
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+METHODS = frozenset(
+    {
+        b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE",
+        b"PATCH", b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK",
+        b"REPORT", b"SEARCH", b"MKCALENDAR", b"MKACTIVITY", b"CHECKOUT", b"MERGE", b"PURGE",
+        b"LINK", b"UNLINK", b"QUERY",
+    }
+)  # fmt: skip
+_MAX_METHOD = max(len(m) for m in METHODS)
+# Any other token method is accepted once the whole request line is there.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r?\n")
+_LINE_LIMIT = 8192
+
+
+def classify(first_bytes: bytes) -> Kind:
+    """ "tls", "http1", "h2" (prior knowledge), "unknown" (raw TCP) or "need-more"."""
+    data = first_bytes
+    if not data:
+        return "need-more"
+    if data[0] == 0x16:
+        if len(data) < 3:
+            return "need-more"
+        return "tls" if data[1] == 3 and data[2] <= 4 else "unknown"
+    if H2_PREFACE.startswith(data[: len(H2_PREFACE)]):
+        return "h2" if len(data) >= len(H2_PREFACE) else "need-more"
+    space = data.find(b" ", 0, _MAX_METHOD + 1)
+    if space > 0 and data[:space] in METHODS:
+        return "http1"
+    if space < 0 and len(data) <= _MAX_METHOD and any(m.startswith(data) for m in METHODS):
+        return "need-more"
+    line_end = data.find(b"\n", 0, _LINE_LIMIT)
+    if line_end >= 0:
+        return "http1" if _REQUEST_LINE.match(data, 0, line_end + 1) else "unknown"
+    if len(data) < _LINE_LIMIT and re.match(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+( |$)", data):
+        return "need-more"
+    return "unknown"
+
+
+class RawObserver:
+    """One TCP (or UDP) flow per connection that counts the bytes each way."""
+
+    def __init__(
+        self, conn: Connection, bus: FlowBus, timings: Timings | None = None, interval: float = 0.5
+    ) -> None:
+        kind = FlowKind.UDP if conn.transport == "udp" else FlowKind.TCP
+        self.flow = Flow(conn=conn, kind=kind)
+        if timings is not None:
+            self.flow.timings = dataclasses.replace(timings)
+        self.bus = bus
+        self._interval = interval
+        self._last = time.monotonic()
+        bus.new(self.flow)
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self.bus.update(self.flow)
+
+    def client_data(self, data: bytes) -> None:
+        self.flow.bytes_sent += len(data)
+        self._progress()
+
+    def server_data(self, data: bytes) -> None:
+        if self.flow.timings.first_byte is None:
+            self.flow.timings.first_byte = time.time()
+        self.flow.bytes_received += len(data)
+        self._progress()
+
+    def client_eof(self) -> None:
+        pass
+
+    def server_eof(self) -> None:
+        pass
+
+    def close(self, error: str | None = None) -> None:
+        if not self.flow.finished:
+            if self.flow.state is FlowState.OPEN:
+                self.flow.state = FlowState.RESPONSE
+            self.bus.done(self.flow, error=error)
+
+
+def make_observer(
+    kind: str,
+    conn: Connection,
+    bus: FlowBus,
+    scheme: str = "http",
+    body_cap: int = DEFAULT_BODY_CAP,
+    timings: Timings | None = None,
+) -> StreamObserver:
+    """The observer for plaintext of `kind` ("http1", "h2", anything else: raw bytes).
+
+    `timings` (optional) carries the connection's dns/connect/tls times into its first flow.
+    """
+    if kind == "http1":
+        return Http1Observer(conn, bus, scheme, body_cap, timings)
+    if kind == "h2":
+        return Http2Observer(conn, bus, scheme, body_cap, timings)
+    return RawObserver(conn, bus, timings)

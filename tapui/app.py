@@ -1,0 +1,306 @@
+"""The tapui Textual app: a live list of flows, their details, a filter bar and exports."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable
+
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from engine.curl import CurlError, to_curl
+from engine.filters import FilterError
+from engine.flow import Flow, FlowBus
+from engine.runstatus import CommandState, RunStatus
+from engine.store import FlowStore
+from tapui import clipboard
+from tapui.messages import FilterChanged, FilterClosed, OpenFlow, ViewChanged
+from tapui.widgets.body_view import BodyView
+from tapui.widgets.export_dialog import ExportDialog
+from tapui.widgets.filter_bar import FilterBar
+from tapui.widgets.flow_detail import FlowDetail
+from tapui.widgets.flow_list import FlowList
+from tapui.widgets.help_screen import HelpScreen
+from tapui.widgets.output_panel import OutputPanel, OutputReader
+from tapui.widgets.status_bar import StatusBar
+
+#: How often queued flow events and output lines are applied.
+TICK = 0.075
+
+
+def default_har_path() -> str:
+    return f"./tapui-{time.strftime('%Y%m%d-%H%M%S')}.har"
+
+
+class TapuiApp(App[int]):
+    """Shows flows as the engine reports them (through `bus`) or as given (`flows`)."""
+
+    CSS_PATH = "app.tcss"
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("slash,f", "filter", "Filter"),
+        Binding("c", "copy_curl", "Copy curl"),
+        Binding("e", "export", "Export HAR"),
+        Binding("w", "save_session", "Save session"),
+        Binding("z", "clear", "Clear", show=False),
+        Binding("o", "toggle_output", "Output"),
+        Binding("question_mark", "help", "Help"),
+    ]
+
+    def __init__(
+        self,
+        bus: FlowBus | None = None,
+        status: RunStatus | None = None,
+        flows: Iterable[Flow] = (),
+        title: str = "tapui",
+    ) -> None:
+        super().__init__()
+        self.title = title
+        self.bus = bus
+        self.status = status
+        self.store = FlowStore()
+        self.store.add(flows)
+        self.last_copied: str | None = None
+        self._last_state: tuple[CommandState, int | None] | None = None
+        self._reader: OutputReader | None = None
+        if bus is not None:
+            # Subscribe now, not on mount: events emitted meanwhile wait in the queue.
+            self.store.attach(bus)
+
+    # --- layout -------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        # Kept as attributes: App.query_one looks only at the active screen, which may be a
+        # dialog or the detail screen.
+        self.flow_list = FlowList(self.store, id="flows")
+        self.output_panel = OutputPanel(id="output")
+        self.filter_bar = FilterBar(id="filter-bar")
+        self.status_bar = StatusBar(id="status")
+        yield self.flow_list
+        yield self.output_panel
+        yield self.filter_bar
+        yield self.status_bar
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.filter_bar.display = False
+        self.output_panel.display = False
+        if self.status is not None and self.status.output_fd is not None:
+            self._reader = OutputReader(self.status.output_fd)
+            self._reader.start()
+        self.flow_list.focus()
+        self.flow_list.sync()
+        self.update_status()
+        self.set_interval(TICK, self.tick)
+
+    def on_unmount(self) -> None:
+        if self.bus is not None:
+            self.store.detach(self.bus)
+
+    # --- live updates -------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Apply what the engine and the command produced since the last tick, in one repaint."""
+        with self.batch_update():
+            if self.store.drain():
+                self.flow_list.sync()
+                if isinstance(self.screen, FlowDetail):
+                    self.screen.render_flow()
+            if self._reader is not None:
+                lines = self._reader.drain()
+                if lines:
+                    self.output_panel.add_lines(lines)
+            self.update_status()
+
+    def update_status(self) -> None:
+        status = self.status
+        if status is not None:
+            state = (status.state, status.exit_code)
+            if state != self._last_state:
+                if status.state is CommandState.EXITED and self._last_state is not None:
+                    self.notify(f"The command exited with code {status.exit_code}. "
+                                "Press q to quit.", title="command finished")
+                elif status.state is CommandState.FAILED:
+                    self.notify(status.message or "the command could not start",
+                                title="command failed", severity="error", timeout=10)
+                self._last_state = state
+        flows = self.flow_list
+        store = self.store
+        sort = store.sort_key + ("↓" if store.sort_reverse else "")
+        self.status_bar.show(StatusBar.snapshot(
+            status, source=self.title, shown=store.view_len, total=len(store),
+            total_bytes=store.total_bytes, filter_expr=store.filter_expr, sort=sort,
+            follow=flows.follow, marked=len(flows.marked), hide_raw=store.hide_raw,
+        ))
+
+    def on_view_changed(self, message: ViewChanged) -> None:
+        self.update_status()
+
+    # --- flows --------------------------------------------------------------------------------
+
+    def current_flow(self) -> Flow | None:
+        """The flow shown in the detail screen, else the one under the list cursor."""
+        for screen in reversed(self.screen_stack):
+            if isinstance(screen, FlowDetail):
+                return screen.flow
+        return self.flow_list.selected
+
+    def on_open_flow(self, message: OpenFlow) -> None:
+        flow = self.store.get(message.flow_id)
+        if flow is not None:
+            self.push_screen(FlowDetail(flow))
+
+    # --- filter -------------------------------------------------------------------------------
+
+    def action_filter(self) -> None:
+        if isinstance(self.screen, FlowDetail):
+            self.screen.dismiss()
+        self.filter_bar.open()
+
+    def on_filter_changed(self, message: FilterChanged) -> None:
+        try:
+            self.store.set_filter(message.expr)
+        except FilterError as exc:  # the bar validated it; keep the last good filter anyway
+            self.notify(str(exc), severity="error")
+            return
+        self.flow_list.sync()
+        self.update_status()
+
+    def on_filter_closed(self, message: FilterClosed) -> None:
+        self.flow_list.focus()
+
+    # --- copy and export ----------------------------------------------------------------------
+
+    def action_copy_curl(self) -> None:
+        flow = self.current_flow()
+        if flow is None:
+            self.notify("No flow selected.", severity="warning")
+            return
+        try:
+            command = to_curl(flow)
+        except CurlError as exc:
+            self.notify(str(exc), severity="warning")
+            return
+        used = clipboard.copy(self, command)
+        self.last_copied = command
+        preview = command if len(command) <= 300 else command[:299] + "…"
+        self.notify(preview, title=f"Copied curl command ({len(command):,} chars) via "
+                    + ", ".join(used), markup=False)
+
+    def action_export(self) -> None:
+        detail = self.screen.flow if isinstance(self.screen, FlowDetail) else None
+        if detail is not None:
+            flows, what = [detail], f"flow #{detail.id}"
+        elif self.flow_list.marked:
+            flows = self.flow_list.marked_flows()
+            what = f"{len(flows)} marked flows"
+        else:
+            flows = self.store.view_flows()
+            what = f"{len(flows)} shown flows"
+        self._ask_and_write(flows, f"Export {what} as HAR to:")
+
+    def action_save_session(self) -> None:
+        flows = list(self.store)
+        self._ask_and_write(flows, f"Save the whole session ({len(flows)} flows) as HAR to:")
+
+    def _ask_and_write(self, flows: list[Flow], title: str) -> None:
+        if not flows:
+            self.notify("Nothing to export.", severity="warning")
+            return
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.run_worker(lambda: self._write_har(path, flows), thread=True,
+                                name="har-export", group="export")
+
+        self.push_screen(ExportDialog(title, default_har_path()), chosen)
+
+    def _write_har(self, path: str, flows: list[Flow]) -> None:
+        """Runs in a worker thread: large sessions take a while to write."""
+        from engine.har import write_har
+
+        path = os.path.expanduser(path)
+        try:
+            count = write_har(path, flows)
+        except Exception as exc:  # report any failure, never crash the session
+            self.call_from_thread(self.notify, f"Could not write {path}: {exc}",
+                                  severity="error", markup=False)
+            return
+        skipped = len(flows) - count
+        note = f" ({skipped} raw TCP/UDP flows have no HAR form)" if skipped else ""
+        self.call_from_thread(self.notify, f"Wrote {count} flows to {path}{note}", markup=False)
+
+    # --- misc ---------------------------------------------------------------------------------
+
+    def action_clear(self) -> None:
+        self.store.clear()
+        self.flow_list.marked.clear()
+        self.flow_list.sync()
+        self.update_status()
+
+    def action_toggle_output(self) -> None:
+        output = self.output_panel
+        output.display = not output.display
+        if output.display and self._reader is None and not output.lines:
+            output.write("(this session has no command output)")
+
+    def help_sections(self) -> list[tuple[str, list[Binding]]]:
+        return [
+            ("Flow list", list(FlowList.BINDINGS)),
+            ("Everywhere", [*self.BINDINGS, Binding("ctrl+p", "command_palette",
+                                                    "Command palette")]),
+            ("Flow detail", [*FlowDetail.BINDINGS, *BodyView.BINDINGS]),
+            ("Filter bar", [Binding("enter", "", "Keep filter and close"),
+                            *FilterBar.BINDINGS]),
+        ]
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.help_sections()))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        flows = self.flow_list
+        commands = [
+            ("Filter flows", "Open the filter bar (/ or f)", self.action_filter),
+            ("Copy as curl", "Copy the selected flow as a curl command (c)",
+             self.action_copy_curl),
+            ("Export HAR", "Export marked or shown flows as HAR (e)", self.action_export),
+            ("Save session", "Save every flow as HAR (w)", self.action_save_session),
+            ("Clear flows", "Forget every flow shown so far (z)", self.action_clear),
+            ("Toggle output", "Show or hide the command's output (o)",
+             self.action_toggle_output),
+            ("Help", "List every key (?)", self.action_help),
+            ("Open flow", "Show the selected flow in detail (enter)", flows.action_open),
+            ("Toggle follow", "Keep the cursor on the newest flow (F)", flows.action_follow),
+            ("Toggle mark", "Mark or unmark the selected flow (m)", flows.action_mark),
+            ("Unmark all", "Clear every mark (M)", flows.action_unmark_all),
+            ("Cycle sort", "Sort by time, host, status, size, duration (s)", flows.action_sort),
+            ("Reverse sort", "Reverse the sort order (S)", flows.action_reverse_sort),
+            ("Toggle raw flows", "Hide or show raw TCP/UDP/DNS flows (t)",
+             flows.action_toggle_raw),
+        ]
+        for title, help_text, callback in commands:
+            yield SystemCommand(title, help_text, callback)
+
+
+def run_har_viewer(path: str) -> int:
+    """`tapui open FILE.har`: browse a saved session. Returns the process exit code."""
+    from engine.har import HarError, load_har
+
+    try:
+        flows = list(load_har(path))
+    except HarError as exc:
+        print(f"tapui: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"tapui: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    TapuiApp(flows=flows, title=f"tapui · {os.path.basename(path)}").run()
+    return 0

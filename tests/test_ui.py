@@ -1,0 +1,481 @@
+"""Pilot tests of the Textual app: one or more per user action."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from engine.curl import to_curl
+from engine.flow import EventKind, FlowBus, FlowEvent
+from engine.har import load_har, write_har
+from engine.runstatus import CommandState, RunStatus
+from engine.store import FlowStore
+from tapui.app import TapuiApp, run_har_viewer
+from tapui.widgets.export_dialog import ExportDialog
+from tapui.widgets.filter_bar import FilterBar
+from tapui.widgets.flow_detail import FlowDetail
+from tapui.widgets.help_screen import HelpScreen, key_label
+from tapui.widgets.output_panel import OutputPanel, clean_line
+from tests.ui_fixtures import make_flow, sample_flows
+
+SIZE = (140, 30)
+
+
+def asynctest(fn):
+    """Run an async test with asyncio.run (the project does not use pytest-asyncio)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+@pytest.fixture(autouse=True)
+def utc(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def shown_ids(app: TapuiApp) -> list[int]:
+    return [f.id for f in app.store.view_flows()]
+
+
+async def wait_for(pilot, condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await pilot.pause(0.05)
+
+
+# --- store -------------------------------------------------------------------------------------
+
+
+def test_store_incremental_view_matches_rebuild() -> None:
+    store = FlowStore()
+    store.set_sort("status")
+    store.set_filter("~d api | ~d cdn")
+    flows = sample_flows()
+    for flow in flows:
+        store.apply([FlowEvent(EventKind.NEW, flow)])
+    flows[7].response = make_flow(99, status=503).response  # slow.example.test answers
+    flows[4].response.status = 200  # not realistic, but moves a flow within the sort
+    assert store.apply([FlowEvent(EventKind.UPDATE, flows[4])])
+    incremental = [f.id for f in store.view_flows()]
+    store.set_sort("status")  # full rebuild
+    assert [f.id for f in store.view_flows()] == incremental
+    assert store.view_index(flows[4].id) == incremental.index(flows[4].id)
+    store.set_sort("status", reverse=True)
+    assert [f.id for f in store.view_flows()] == incremental[::-1]
+    assert store.get(5) is flows[4] and len(store) == 11
+
+
+# --- list, filter, sort, marks, follow --------------------------------------------------------
+
+
+@asynctest
+async def test_list_shows_flows_and_navigates() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        flows = app.flow_list
+        assert app.store.view_len == 11 and flows.cursor == 0
+        await pilot.press("j", "down", "j")
+        assert flows.cursor == 3
+        await pilot.press("k", "up")
+        assert flows.cursor == 1
+        await pilot.press("end")
+        assert flows.cursor == 10
+        await pilot.press("home")
+        assert flows.cursor == 0
+        await pilot.press("pagedown")
+        assert flows.cursor > 5 or flows.cursor == 10
+        await pilot.press("pageup")
+        assert flows.cursor == 0
+
+
+@asynctest
+async def test_filter_narrows_and_bad_syntax_keeps_last_good() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("slash")
+        bar = app.query_one(FilterBar)
+        assert bar.display and bar.input.has_focus
+        await pilot.press(*"~d cdn")
+        await wait_for(pilot, lambda: app.store.filter_expr == "~d cdn")
+        assert shown_ids(app) == [6, 9]
+        await pilot.press(*" & (")  # "~d cdn & (" is incomplete
+        await pilot.pause(0.3)
+        assert app.store.filter_expr == "~d cdn" and shown_ids(app) == [6, 9]
+        assert bar.error is not None and "expression expected" in str(bar.error)
+        error_text = str(app.query_one("#filter-error").render())
+        assert "expression expected" in error_text
+        await pilot.press(*"~c 500)")
+        await wait_for(pilot, lambda: app.store.filter_expr == "~d cdn & (~c 500)")
+        assert shown_ids(app) == [6] and bar.error is None
+        await pilot.press("enter")
+        assert not bar.display and app.flow_list.has_focus
+        assert bar.history == ["~d cdn & (~c 500)"]
+        # Plain text, reopened with f; history with up.
+        await pilot.press("f")
+        for _ in range(len(bar.input.value)):
+            await pilot.press("backspace")
+        await pilot.press(*"lovelace", "enter")
+        assert shown_ids(app) == [1]
+        await pilot.press("f", "up")
+        assert bar.input.value == "lovelace"
+        await pilot.press("up")
+        assert bar.input.value == "~d cdn & (~c 500)"
+        await pilot.press("escape")
+        assert not bar.display and app.store.filter_expr == "lovelace"
+
+
+@asynctest
+async def test_sort_cycles_and_reverses() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("s")
+        assert app.store.sort_key == "host"
+        hosts = [f.host for f in app.store.view_flows()]
+        assert hosts == sorted(hosts)
+        await pilot.press("s")
+        assert app.store.sort_key == "status"
+        statuses = [f.response.status if f.response else -1 for f in app.store.view_flows()]
+        assert statuses == sorted(statuses)
+        await pilot.press("S")
+        statuses = [f.response.status if f.response else -1 for f in app.store.view_flows()]
+        assert statuses == sorted(statuses, reverse=True)
+        await pilot.press("s", "s")
+        assert app.store.sort_key == "duration"
+        await pilot.press("s")
+        assert app.store.sort_key == "time"
+        assert "sort:time" in str(app.query_one("#status").render())
+
+
+@asynctest
+async def test_marks_and_cursor_follows_its_flow_across_sorts() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("j", "m", "j", "j", "m")
+        assert app.flow_list.marked == {2, 4}
+        assert "2 marked" in str(app.query_one("#status").render())
+        await pilot.press("m")
+        assert app.flow_list.marked == {2}
+        await pilot.press("m", "s")  # sort by host: the cursor stays on flow 4
+        assert app.flow_list.selected.id == 4
+        await pilot.press("M")
+        assert app.flow_list.marked == set()
+
+
+@asynctest
+async def test_toggle_raw_flows() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        assert 11 in shown_ids(app)
+        await pilot.press("t")
+        assert 11 not in shown_ids(app) and app.store.view_len == 10
+        await pilot.press("t")
+        assert app.store.view_len == 11
+
+
+def _emit_from_thread(bus: FlowBus, first_id: int, count: int) -> threading.Thread:
+    def run() -> None:
+        for i in range(first_id, first_id + count):
+            flow = make_flow(i, duration=None, status=None)
+            bus.new(flow)
+            flow.response = make_flow(i).response
+            bus.update(flow)
+            bus.done(flow)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@asynctest
+async def test_live_events_and_follow_mode() -> None:
+    bus = FlowBus()
+    app = TapuiApp(bus=bus, status=RunStatus(["python3", "app.py"], CommandState.RUNNING))
+    async with app.run_test(size=SIZE) as pilot:
+        _emit_from_thread(bus, 1, 50).join()
+        await wait_for(pilot, lambda: app.store.view_len == 50)
+        assert app.flow_list.cursor == 0  # not following yet
+        await pilot.press("F")
+        assert app.flow_list.follow and app.flow_list.cursor == 49
+        assert "FOLLOW" in str(app.query_one("#status").render())
+        _emit_from_thread(bus, 51, 30).join()
+        await wait_for(pilot, lambda: app.store.view_len == 80)
+        await pilot.pause(0.1)
+        assert app.flow_list.cursor == 79
+        assert app.flow_list.scroll_y > 0  # the cursor row is on screen
+        await pilot.press("k")  # moving stops following
+        assert not app.flow_list.follow and app.flow_list.cursor == 78
+        _emit_from_thread(bus, 81, 10).join()
+        await wait_for(pilot, lambda: app.store.view_len == 90)
+        assert app.flow_list.cursor == 78 and app.flow_list.selected.id == 79
+    assert not bus._listeners  # unsubscribed on exit
+
+
+@asynctest
+async def test_in_progress_flow_updates_in_place() -> None:
+    bus = FlowBus()
+    app = TapuiApp(bus=bus)
+    async with app.run_test(size=SIZE) as pilot:
+        flow = make_flow(1, status=None, duration=None)
+        bus.new(flow)
+        await wait_for(pilot, lambda: app.store.view_len == 1)
+        assert "…" in app.flow_list.render_line(1).text
+        flow.response = make_flow(2, status=201, reason="Created").response
+        bus.done(flow)
+        await wait_for(pilot, lambda: "201" in app.flow_list.render_line(1).text)
+
+
+# --- detail -------------------------------------------------------------------------------------
+
+
+@asynctest
+async def test_detail_tabs_and_back() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("enter")
+        assert isinstance(app.screen, FlowDetail) and app.screen.flow.id == 1
+        response = app.screen.query_one("#response-view")
+        text = "\n".join(line.plain for line in response.lines)
+        assert '"name": "Ada Lovelace"' in text  # pretty-printed JSON
+        await pilot.press("3")
+        assert app.screen.query_one("TabbedContent").active == "tab-timing"
+        await pilot.press("4")
+        assert app.screen.query_one("TabbedContent").active == "tab-connection"
+        await pilot.press("q")
+        assert not isinstance(app.screen, FlowDetail)
+        await pilot.press("end", "k", "enter")  # the WebSocket flow
+        ws = app.screen.query_one("#websocket-view")
+        assert any('{"welcome":true}' in line.plain for line in ws.lines)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, FlowDetail)
+
+
+@asynctest
+async def test_detail_binary_and_large_bodies_page() -> None:
+    big = json.dumps([{"i": i, "text": "x" * 50} for i in range(4000)]).encode()
+    flows = [
+        make_flow(1, response_headers=[("Content-Type", "application/json")],
+                  response_body=big),
+        make_flow(2, response_headers=[("Content-Type", "application/octet-stream")],
+                  response_body=bytes(range(256)) * 1000),
+    ]
+    app = TapuiApp(flows=flows)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("enter", "2")
+        view = app.screen.query_one("#response-view")
+        assert view.pages > 1 and view.page == 0
+        first = [line.plain for line in view.lines]
+        assert any("page 1/" in line for line in first)
+        await pilot.press("right_square_bracket")
+        assert view.page == 1
+        await pilot.press("left_square_bracket")
+        assert view.page == 0
+        await pilot.press("q", "j", "enter", "2")
+        view = app.screen.query_one("#response-view")
+        assert any(line.plain.startswith("00000000  00 01 02") for line in view.lines)
+        assert view.pages == 4
+
+
+# --- copy, export, open -----------------------------------------------------------------------
+
+
+@asynctest
+async def test_copy_as_curl() -> None:
+    flows = sample_flows()
+    app = TapuiApp(flows=flows)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("j", "j", "j", "c")
+        assert app.last_copied == to_curl(flows[3])
+        assert app.last_copied.startswith("curl ")
+        assert "--data-binary 'user=ada&password=s3cret'" in app.last_copied
+        assert app.clipboard == app.last_copied  # OSC 52 path
+        await pilot.press("home", "enter", "c")  # from the detail screen too
+        assert app.last_copied == to_curl(flows[0])
+        await pilot.press("q", "end", "c")  # raw TCP: nothing to copy
+        assert app.last_copied == to_curl(flows[0])
+
+
+async def _export(pilot, app: TapuiApp, key: str, path: Path) -> None:
+    await pilot.press(key)
+    assert isinstance(app.screen, ExportDialog)
+    field = app.screen.query_one("Input")
+    assert field.value.startswith("./tapui-") and field.value.endswith(".har")
+    field.value = str(path)
+    await pilot.press("enter")
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+@asynctest
+async def test_export_marked_shown_and_session(tmp_path: Path) -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("j", "m", "j", "j", "m")
+        await _export(pilot, app, "e", tmp_path / "marked.har")
+        got = list(load_har(tmp_path / "marked.har"))
+        assert [f.request.url for f in got] == ["https://www.example.test/index.html",
+                                                "https://api.example.test/login"]
+        await pilot.press("M", "f", *"~c 404", "enter")
+        await _export(pilot, app, "e", tmp_path / "shown.har")
+        got = list(load_har(tmp_path / "shown.har"))
+        assert [(f.request.path, f.response.status) for f in got] == [("/missing", 404)]
+        await _export(pilot, app, "w", tmp_path / "all.har")
+        doc = json.loads((tmp_path / "all.har").read_text())
+        assert len(doc["log"]["entries"]) == 10  # every HTTP flow; the raw TCP one has no HAR
+        # esc cancels
+        await pilot.press("e")
+        await pilot.press("escape")
+        assert not isinstance(app.screen, ExportDialog)
+
+
+@asynctest
+async def test_open_har_file(tmp_path: Path) -> None:
+    path = tmp_path / "session.har"
+    write_har(path, sample_flows())
+    app = TapuiApp(flows=load_har(path), title="tapui · session.har")
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.store.view_len == 10
+        assert "session.har" in str(app.query_one("#status").render())
+        await pilot.press("f", *"~d www", "enter")
+        assert [f.request.path for f in app.store.view_flows()] == ["/index.html"]
+
+
+def test_run_har_viewer_rejects_bad_files(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.har"
+    bad.write_text('{"log": {"entries": [')
+    assert run_har_viewer(str(bad)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tapui: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert run_har_viewer(str(tmp_path / "missing.har")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.har" in err
+
+
+# --- clear, output, status, help, palette -----------------------------------------------------
+
+
+@asynctest
+async def test_clear() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("m", "z")
+        assert len(app.store) == 0 and app.store.view_len == 0 and not app.flow_list.marked
+        assert "0/0 flows" in str(app.query_one("#status").render())
+        await pilot.press("enter", "c", "j")  # nothing selected: no crash
+        assert app.last_copied is None
+
+
+@asynctest
+async def test_output_panel_reads_the_pty() -> None:
+    read_fd, write_fd = os.pipe()
+    status = RunStatus(["sh", "-c", "echo"], CommandState.RUNNING, output_fd=read_fd)
+    app = TapuiApp(status=status)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            panel = app.query_one(OutputPanel)
+            assert not panel.display
+            await pilot.press("o")
+            assert panel.display
+            os.write(write_fd, b"\x1b[32mgreen\x1b[0m line\r\nprogress 10%\rprogress 100%\r\n")
+            os.write(write_fd, "caf\u00e9 ".encode()[:4])  # a character split across reads
+            os.write(write_fd, "caf\u00e9 ".encode()[4:] + b"done\n")
+            await wait_for(pilot, lambda: len(panel.lines) >= 3)
+            texts = [strip.text.rstrip() for strip in panel.lines]
+            assert texts[:3] == ["green line", "progress 100%", "café done"]
+            await pilot.press("o")
+            assert not panel.display
+    finally:
+        os.close(write_fd)
+        os.close(read_fd)
+
+
+def test_clean_line() -> None:
+    assert clean_line("a\x07b\x1b[2Kc\x08").plain == "abc"
+    assert clean_line("\x1b[1;31mERR\x1b[0m").spans
+
+
+@asynctest
+async def test_status_bar_shows_command_and_exit_and_ui_stays() -> None:
+    status = RunStatus(["curl", "-s", "https://api.example.test/"], CommandState.RUNNING)
+    app = TapuiApp(status=status, flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        text = str(app.query_one("#status").render())
+        assert "curl -s https://api.example.test/" in text and "[running]" in text
+        assert "11/11 flows" in text
+        status.state, status.exit_code = CommandState.EXITED, 3
+        await pilot.pause(0.2)
+        text = str(app.query_one("#status").render())
+        assert "exited 3" in text
+        assert app.is_running
+        await pilot.press("f", *"~c 404", "enter")
+        assert "1/11 flows" in str(app.query_one("#status").render())
+        assert "~c 404" in str(app.query_one("#status").render())
+        await pilot.press("q")
+    assert not app.is_running
+
+
+@asynctest
+async def test_ctrl_c_quits() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f")  # even with the filter input focused
+        await pilot.press("ctrl+c")
+    assert not app.is_running
+
+
+@asynctest
+async def test_help_lists_every_key() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        console = Console(width=100, record=True, file=io.StringIO())
+        console.print(app.screen.table)
+        table_text = console.export_text()
+        for _, bindings in app.help_sections():
+            for binding in bindings:
+                assert key_label(binding.key) in table_text
+        for key in ("j", "k", "enter", "m", "F", "s", "t", "/", "c", "e", "w", "z", "o", "?"):
+            assert key in table_text
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+@asynctest
+async def test_every_action_is_in_the_command_palette() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE):
+        titles = {cmd.title for cmd in app.get_system_commands(app.screen)}
+        for title in ("Filter flows", "Copy as curl", "Export HAR", "Save session",
+                      "Clear flows", "Toggle output", "Help", "Open flow", "Toggle follow",
+                      "Toggle mark", "Cycle sort", "Toggle raw flows", "Quit"):
+            assert title in titles
+        command = next(c for c in app.get_system_commands(app.screen) if c.title == "Cycle sort")
+        command.callback()
+        assert app.store.sort_key == "host"
+
+
+def test_engine_does_not_import_the_ui() -> None:
+    code = ("import sys, engine.filters, engine.store, engine.curl; "
+            "assert not any(m.startswith(('textual', 'tapui')) for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
