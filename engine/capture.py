@@ -166,7 +166,8 @@ class Capture:
         loop = asyncio.get_running_loop()
         self.loop = loop
         sandbox = self.sandbox
-        processes = ProcessFinder(sandbox.pid, sandbox.netns_inode)
+        processes = ProcessFinder(sandbox.diag_socket, sandbox.pid, sandbox.netns_inode)
+        sandbox.diag_socket = None  # the finder owns it now
         self.proxy = Proxy(
             loop,
             self.plan,

@@ -1,30 +1,61 @@
-"""Which sandboxed process opened a connection, read from /proc while the connection is open.
+"""Which sandboxed process opened a connection.
 
-The socket's inode comes from the sandbox's /proc/<pid>/net/tcp{,6} (by the app's local port);
-the process is the one among the sandbox's processes holding `socket:[inode]`. The work runs in
-a worker thread so it never delays the relay.
+The socket's inode comes from an exact sock_diag query (by the connection's four addresses) on
+a netlink socket opened inside the sandbox's network namespace: one round trip, where reading
+/proc/net/tcp makes the kernel walk its whole hash table (~1.6 ms here). The process is then
+the one in the command's process tree (or, failing that, in the namespace) holding
+`socket:[inode]`.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import socket
+import struct
 
 from engine.flow import Connection
 
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+_NLMSG = struct.Struct("=IHHII")
+_REQ = struct.Struct("=BBBBI")
+_SOCKID = struct.Struct(">HH16s16s")
+_SOCKID_TAIL = struct.Struct("=III")
+_DIAG_MSG_INODE_OFFSET = 4 + 48 + 4 * 4  # family..retrans, sockid, expires..uid
 
-def socket_inode(net_pid: int, local_port: int, ipv6: bool) -> int | None:
-    path = f"/proc/{net_pid}/net/{'tcp6' if ipv6 else 'tcp'}"
-    port_hex = f":{local_port:04X}"
-    try:
-        with open(path) as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if fields[1].endswith(port_hex):
-                    return int(fields[9])
-    except (OSError, StopIteration, IndexError, ValueError):
-        return None
+
+def _addr16(ip: str, family: int) -> bytes:
+    raw = socket.inet_pton(family, ip)
+    return raw + bytes(16 - len(raw))
+
+
+def socket_inode(diag: socket.socket, client: tuple[str, int], server: tuple[str, int]) -> int | None:
+    """The inode of the app's socket for a connection (client = the app's own address)."""
+    v6 = ":" in client[0]
+    attempts = [(socket.AF_INET6 if v6 else socket.AF_INET, client[0], server[0])]
+    if not v6:  # an IPv4 connection made from a dual-stack IPv6 socket
+        attempts.append((socket.AF_INET6, "::ffff:" + client[0], "::ffff:" + server[0]))
+    for seq, (family, src, dst) in enumerate(attempts, 1):
+        req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+        req += _SOCKID.pack(client[1], server[1], _addr16(src, family), _addr16(dst, family))
+        req += _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+        msg = _NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + req
+        try:
+            diag.send(msg)
+            reply = diag.recv(8192)
+        except OSError:
+            return None
+        if len(reply) < _NLMSG.size:
+            continue
+        _length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(reply)
+        if kind == NLMSG_ERROR:
+            continue
+        offset = _NLMSG.size + _DIAG_MSG_INODE_OFFSET
+        if len(reply) >= offset + 4:
+            inode = struct.unpack_from("=I", reply, offset)[0]
+            return inode or None
     return None
 
 
@@ -37,18 +68,49 @@ def command_line(pid: int) -> str | None:
     return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part) or None
 
 
-class ProcessFinder:
-    """Finds the pid and command line behind a sandbox connection."""
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, through /proc/<pid>/task/<tid>/children."""
+    found = [pid]
+    i = 0
+    while i < len(found):
+        current = found[i]
+        i += 1
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as f:
+                    found.extend(int(child) for child in f.read().split())
+            except (OSError, ValueError):
+                continue
+    return found
 
-    def __init__(self, sandbox_pid: int, netns_inode: int | None) -> None:
+
+class ProcessFinder:
+    """Finds the pid and command line behind a sandbox connection (about 0.1 ms)."""
+
+    def __init__(self, diag: socket.socket | None, sandbox_pid: int, netns_inode: int | None) -> None:
+        self.diag = diag
         self.sandbox_pid = sandbox_pid
         self.netns_inode = netns_inode
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tapui-procinfo")
+        if diag is not None:
+            diag.settimeout(0.5)
 
-    def lookup(self, info: Connection, local_port: int, ipv6: bool) -> None:
-        self.pool.submit(self._lookup, info, local_port, ipv6)
+    def lookup(self, info: Connection) -> None:
+        """Fill in info.pid and info.command, if the app's socket is still open."""
+        if self.diag is None or info.pid is not None:
+            return
+        inode = socket_inode(self.diag, info.client, info.server)
+        if inode is None:
+            return
+        target = f"socket:[{inode}]"
+        tree = descendants(self.sandbox_pid)
+        if not self._find(info, target, tree):
+            self._find(info, target, [p for p in self._namespace_members() if p not in tree])
 
-    def _sandbox_pids(self) -> list[int]:
+    def _namespace_members(self) -> list[int]:
         pids = []
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
@@ -60,14 +122,9 @@ class ProcessFinder:
                 continue
         return pids
 
-    def _lookup(self, info: Connection, local_port: int, ipv6: bool) -> None:
-        inode = socket_inode(self.sandbox_pid, local_port, ipv6)
-        if inode is None and not ipv6:
-            inode = socket_inode(self.sandbox_pid, local_port, True)  # v4-mapped on a v6 socket
-        if inode is None:
-            return
-        target = f"socket:[{inode}]"
-        for pid in self._sandbox_pids():
+    @staticmethod
+    def _find(info: Connection, target: str, pids: list[int]) -> bool:
+        for pid in pids:
             try:
                 fds = os.listdir(f"/proc/{pid}/fd")
             except OSError:
@@ -77,9 +134,12 @@ class ProcessFinder:
                     if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
                         info.pid = pid
                         info.command = command_line(pid)
-                        return
+                        return True
                 except OSError:
                     continue
+        return False
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.diag is not None:
+            self.diag.close()
+            self.diag = None

@@ -194,8 +194,6 @@ class Relay:
             transport.close()
             return
         self.app.accept(AppSide(self))
-        if self.proxy.processes is not None:
-            self.proxy.processes.lookup(self.info, self.app.sport, len(self.app.src) == 16)
 
     def _failed_connect(self, why: str) -> None:
         self.mode = "closed"
@@ -225,6 +223,15 @@ class Relay:
         t = self.info.timings
         t.start, t.dns, t.connect, t.tls = self.started, self.dns_time, self.connected, self.tls_done
 
+    def _find_process(self) -> None:
+        """Which process made the connection: done once the first bytes are on their way,
+        so the lookup overlaps the server's work instead of delaying the request."""
+        self.process_looked_up = True
+        if self.proxy.processes is not None:
+            self.proxy.processes.lookup(self.info)
+
+    process_looked_up = False
+
     def from_app(self, data: bytes) -> None:
         self.sent += len(data)
         mode = self.mode
@@ -239,10 +246,13 @@ class Relay:
             self.pending += data
 
     def _to_upstream(self, data: bytes) -> None:
-        if self.observer is not None:
-            self._observe(self.observer.client_data, data)
+        # Forward first, decode after: the decoder's time is then off the request's path.
         if self.upstream is not None and not self.upstream.is_closing():
             self.upstream.write(data)
+        if not self.process_looked_up:
+            self._find_process()
+        if self.observer is not None:
+            self._observe(self.observer.client_data, data)
 
     def _observe(self, method, data: bytes) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -385,8 +395,6 @@ class Relay:
         self.received += len(data)
         if self.mode == "sniff":
             self._go_plain("unknown", "tcp")  # the server spoke first
-        if self.observer is not None:
-            self._observe(self.observer.server_data, data)
         if self.mode == "tls":
             assert self.tls_app is not None
             try:
@@ -398,6 +406,10 @@ class Relay:
             self._flush_tls()
         else:
             self.app.write(data)
+        if not self.process_looked_up:
+            self._find_process()
+        if self.observer is not None:
+            self._observe(self.observer.server_data, data)
 
     # ---- closing ----------------------------------------------------------------------------
 

@@ -146,6 +146,8 @@ class Sandbox:
         self.proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self.netns_inode: int | None = None
+        #: A NETLINK_SOCK_DIAG socket inside the sandbox's network namespace.
+        self.diag_socket: socket.socket | None = None
 
     @property
     def pid(self) -> int:
@@ -193,7 +195,7 @@ class Sandbox:
             },
         }
         parent.sendall(json.dumps(message).encode() + b"\n")
-        msg, fds, _flags, _addr = socket.recv_fds(parent, 65536, 1)
+        msg, fds, _flags, _addr = socket.recv_fds(parent, 65536, 2)
         if not fds:
             self.proc.wait()
             try:
@@ -212,6 +214,8 @@ class Sandbox:
         except OSError:
             self.netns_inode = None
         os.set_blocking(fds[0], False)
+        if len(fds) > 1:
+            self.diag_socket = socket.socket(fileno=fds[1])
         return fds[0]
 
     def go(self) -> None:
@@ -230,6 +234,9 @@ class Sandbox:
             raise _explain(report, self.cfg)
 
     def abort(self) -> None:
+        if self.diag_socket is not None:
+            self.diag_socket.close()
+            self.diag_socket = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None

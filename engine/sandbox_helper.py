@@ -41,6 +41,7 @@ SECBIT_NOROOT_LOCKED = 1 << 1
 SECBIT_NO_SETUID_FIXUP = 1 << 2
 SECBIT_NO_SETUID_FIXUP_LOCKED = 1 << 3
 VNET_HDR_LEN = 10
+NETLINK_SOCK_DIAG = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -165,8 +166,12 @@ def run(sock: socket.socket) -> None:
     except SetupError as exc:
         report(sock, exc.kind, exc.errno, exc.detail)
         os._exit(1)
-    socket.send_fds(sock, [b"tun"], [tun_fd])
+    # A sock_diag netlink socket made inside the namespace lets tapui find which process owns
+    # a connection without reading /proc/net/tcp (which walks the kernel's whole hash table).
+    diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+    socket.send_fds(sock, [b"tun"], [tun_fd, diag.fileno()])
     os.close(tun_fd)
+    diag.close()
     if sock.recv(16) != b"go":
         os._exit(1)
     try:
