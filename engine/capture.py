@@ -233,6 +233,8 @@ class Capture:
             self._tty_fd = None
 
     def _teardown(self, processes: ProcessFinder) -> None:
+        if self.proxy is not None:
+            self.proxy.shutdown()
         if self.netstack is not None:
             self.netstack.close()
         processes.close()

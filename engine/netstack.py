@@ -196,6 +196,11 @@ class Netstack:
 
     def _reset_unknown(self, pkt: packets.Packet) -> None:
         """RFC 793's answer to a segment of no connection."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "RST to unknown segment %s:%d -> %s:%d flags %#x",
+                packets.ip_str(pkt.src), pkt.sport, packets.ip_str(pkt.dst), pkt.dport, pkt.flags,
+            )
         addr_sum = packets.address_sum(pkt.dst, pkt.src)
         if pkt.flags & ACK:
             seq, ack, flags = pkt.ack, 0, RST

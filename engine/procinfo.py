@@ -95,6 +95,8 @@ class ProcessFinder:
         self.diag = diag
         self.sandbox_pid = sandbox_pid
         self.netns_inode = netns_inode
+        self._tree: list[int] = []  # the command's process tree as last walked
+        self._commands: dict[int, str | None] = {}
         if diag is not None:
             diag.settimeout(0.5)
 
@@ -106,9 +108,18 @@ class ProcessFinder:
         if inode is None:
             return
         target = f"socket:[{inode}]"
-        tree = descendants(self.sandbox_pid)
-        if not self._find(info, target, tree):
-            self._find(info, target, [p for p in self._namespace_members() if p not in tree])
+        pid = self._find(target, self._tree)  # the process of the last connection, usually
+        if pid is None:
+            self._tree = descendants(self.sandbox_pid)
+            pid = self._find(target, self._tree)
+        if pid is None:
+            pid = self._find(target, [p for p in self._namespace_members() if p not in self._tree])
+        if pid is None:
+            return
+        info.pid = pid
+        if pid not in self._commands:
+            self._commands[pid] = command_line(pid)
+        info.command = self._commands[pid]
 
     def _namespace_members(self) -> list[int]:
         pids = []
@@ -123,7 +134,7 @@ class ProcessFinder:
         return pids
 
     @staticmethod
-    def _find(info: Connection, target: str, pids: list[int]) -> bool:
+    def _find(target: str, pids: list[int]) -> int | None:
         for pid in pids:
             try:
                 fds = os.listdir(f"/proc/{pid}/fd")
@@ -132,12 +143,10 @@ class ProcessFinder:
             for fd in fds:
                 try:
                     if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        info.pid = pid
-                        info.command = command_line(pid)
-                        return True
+                        return pid
                 except OSError:
                     continue
-        return False
+        return None
 
     def close(self) -> None:
         if self.diag is not None:

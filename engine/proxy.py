@@ -27,6 +27,8 @@ from engine.tcp import TcpConnection
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 30.0
+#: A DNS answer counts as a connection's DNS phase when the SYN follows within this many seconds.
+DNS_PHASE_WINDOW = 2.0
 SNIFF_LIMIT = 16 * 1024
 UPSTREAM_HIGH_WATER = 4 * 1024 * 1024
 TLS_READ = 256 * 1024
@@ -64,6 +66,14 @@ class Proxy:
         self.dns: DnsResolver | None = None
         self.relays: set[Relay] = set()
         self.closed_listeners: list[Callable[[ConnectionSummary], None]] = []
+        self._dns_claimed: dict[str, float] = {}
+
+    def claim_dns(self, address: str, answered: float) -> bool:
+        """True once per DNS answer: only the first connection after it had to wait for it."""
+        if self._dns_claimed.get(address) == answered:
+            return False
+        self._dns_claimed[address] = answered
+        return True
 
     def connection_closed(self, summary: ConnectionSummary) -> None:
         for listener in self.closed_listeners:
@@ -73,6 +83,11 @@ class Proxy:
         relay = Relay(self, conn)
         self.relays.add(relay)
         self.loop.create_task(relay.connect())
+
+    def shutdown(self) -> None:
+        """tapui is stopping: finish every open connection's flows and summary."""
+        for relay in list(self.relays):
+            relay.stop()
 
     def ignored(self, host: str) -> bool:
         return any(p.search(host) for p in self.options.ignore_hosts)
@@ -119,7 +134,7 @@ class UpstreamSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.relay.upstream_eof()
-        return True  # keep our write side open: half-close
+        return self.relay.mode != "tls"  # keep our write side open (half-close); TLS can't
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.upstream_lost(exc)
@@ -150,13 +165,15 @@ class Relay:
             id=next_connection_id(), client=conn.client, server=conn.server
         )
         self.info.upstream = (proxy.plan.upstream_address(server_ip), server_port)
+        self.started = time.time()
+        self.dns_time: float | None = None
         named = proxy.dns.name_for(server_ip) if proxy.dns is not None else None
-        self.dns_time = None
         if named is not None:
-            self.info.hostname, self.dns_time = named
+            self.info.hostname, asked, answered = named
+            if self.started - answered < DNS_PHASE_WINDOW and proxy.claim_dns(server_ip, answered):
+                self.started, self.dns_time = asked, answered  # the flow's life began with DNS
         else:
             self.info.hostname = proxy.plan.name_of(server_ip)
-        self.started = time.time()
         self.sent = 0
         self.received = 0
         self.error: str | None = None
@@ -199,7 +216,10 @@ class Relay:
         self.mode = "closed"
         self.proxy.relays.discard(self)
         self.error = f"upstream {self.info.upstream[0]}:{self.info.upstream[1]}: {why}"  # type: ignore[index]
-        observer = sniff.make_observer("unknown", self.info, self.proxy.bus, "tcp", 0)
+        self.info.timings.start = self.started
+        observer = sniff.make_observer(
+            "unknown", self.info, self.proxy.bus, "tcp", 0, self.info.timings
+        )
         observer.close(self.error)
         self._summarise()
 
@@ -213,15 +233,11 @@ class Relay:
     # ---- deciding what the connection carries ----------------------------------------------
 
     def _start_observer(self, kind: str, scheme: str) -> None:
-        self.observer = sniff.make_observer(
-            kind, self.info, self.proxy.bus, scheme, self.proxy.options.body_cap
-        )
-        self._stamp_timings()
-
-    def _stamp_timings(self) -> None:
-        """Connection-level timings, which the observer copies into the connection's first flow."""
-        t = self.info.timings
+        t = self.info.timings  # the observer copies them into the connection's first flow
         t.start, t.dns, t.connect, t.tls = self.started, self.dns_time, self.connected, self.tls_done
+        self.observer = sniff.make_observer(
+            kind, self.info, self.proxy.bus, scheme, self.proxy.options.body_cap, t
+        )
 
     def _find_process(self) -> None:
         """Which process made the connection: done once the first bytes are on their way,
@@ -472,6 +488,21 @@ class Relay:
             if self.upstream is not None and not self.upstream.is_closing():
                 self.upstream.close()
         self._finish()
+
+    def stop(self) -> None:
+        if self.mode == "closed":
+            return
+        self.mode = "closed"
+        self.proxy.relays.discard(self)
+        observer, self.observer = self.observer, None
+        if observer is not None:
+            try:  # exchanges still open end with this error; finished ones stay as they are
+                observer.close("tapui stopped before the exchange finished")
+            except Exception:
+                log.exception("observer failed on close")
+        if self.upstream is not None:
+            self.upstream.abort()
+        self._summarise()
 
     def _close_observer(self, error: str | None) -> None:
         if error and not self.error:

@@ -9,6 +9,7 @@ to the app is the room left in the handler's upstream buffer, so a slow upstream
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from typing import Protocol
@@ -16,6 +17,7 @@ from typing import Protocol
 from engine import packets
 from engine.packets import ACK, FIN, PSH, RST, SYN
 
+log = logging.getLogger(__name__)
 MASK = 0xFFFFFFFF
 RCV_BUF = 4 * 1024 * 1024  # most we let the app send ahead of the upstream
 SND_BUF_HIGH = 4 * 1024 * 1024  # pause the upstream reader above this many unacked bytes
@@ -242,6 +244,7 @@ class TcpConnection:
 
     def refuse(self) -> None:
         """The upstream refused: answer the SYN with RST, as the real host would."""
+        log.debug("RST %s -> %s: upstream refused", self.client, self.server)
         self._send(RST | ACK, 0)
         self._close(None)
 
@@ -271,6 +274,7 @@ class TcpConnection:
             self._push()
 
     def abort(self) -> None:
+        log.debug("RST %s -> %s: aborted in state %s", self.client, self.server, self.state)
         if self.state in ("OPEN", "SYNACK"):
             self._send(RST | ACK, self.snd_nxt)
         self._close(None, notify=False)

@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("TAPUI_DEBUG"):
+        import logging
+
+        logging.basicConfig(
+            level=logging.DEBUG, format="tapui %(asctime)s %(name)s: %(message)s",
+            filename=os.environ.get("TAPUI_DEBUG_LOG"),
+        )
     try:
         if args_list and args_list[0] == "open":
             return cmd_open(args_list[1:])

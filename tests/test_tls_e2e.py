@@ -1,0 +1,240 @@
+"""HTTPS through tapui with real clients: interception, verification, ALPN, decoding, HAR."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import pytest
+import trustme
+
+from tests import servers, tls_servers
+from tests.conftest import HOST, client, run_tapui
+
+pytestmark = pytest.mark.usefixtures("sandbox")
+PY = sys.executable
+SCHEMA = json.loads((Path(__file__).parent / "har_schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def https(ca: trustme.CA, pool: bytes) -> Iterator[servers._ThreadingServer]:
+    server = tls_servers.https_server(ca, pool)
+    with servers.running(server):
+        yield server
+
+
+@pytest.fixture
+def h2server(ca: trustme.CA, pool: bytes) -> Iterator[tls_servers.H2Server]:
+    with tls_servers.running_h2(ca, pool) as server:
+        yield server
+
+
+def tapui_https(ca_file: str, *command: str, har: Path | None = None, extra: tuple = ()):  # type: ignore[no-untyped-def]
+    args = ["--no-ui", "--upstream-ca", ca_file, *extra]
+    if har is not None:
+        args += ["--har", str(har)]
+    return run_tapui(*args, "--", *command)
+
+
+def entries(har: Path) -> list[dict]:
+    data = json.loads(har.read_text())
+    jsonschema.validate(data, SCHEMA)
+    return data["log"]["entries"]
+
+
+def test_curl_http11_over_tls(ca_file: str, https: servers._ThreadingServer, tmp_path: Path) -> None:
+    port = https.server_address[1]
+    har = tmp_path / "s.har"
+    result = tapui_https(
+        ca_file, "curl", "-sS", "--http1.1", f"https://{HOST}:{port}/hello", har=har
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+    [entry] = entries(har)
+    assert entry["request"]["url"] == f"https://{HOST}:{port}/hello"
+    assert entry["response"]["status"] == 200
+    assert entry["response"]["content"]["text"] == "hello from the host\n"
+    assert f"GET https://{HOST}:{port}/hello 200" in result.stderr
+
+
+def test_curl_http2_stays_http2(ca_file: str, h2server: tls_servers.H2Server, tmp_path: Path) -> None:
+    har = tmp_path / "s.har"
+    result = tapui_https(
+        ca_file, "curl", "-sS", "--http2", "-w", "%{http_version}",
+        f"https://{HOST}:{h2server.port}/hello", har=har,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello over h2\n2"
+    [entry] = entries(har)
+    assert entry["request"]["httpVersion"] == entry["response"]["httpVersion"] == "HTTP/2"
+    assert entry["_tapui"]["alpn"] == "h2"
+
+
+def test_grpc_style_trailers_over_h2(ca_file: str, h2server: tls_servers.H2Server, tmp_path: Path) -> None:
+    har = tmp_path / "s.har"
+    result = tapui_https(
+        ca_file, "curl", "-sS", "--http2", "-o", "/dev/null",
+        f"https://{HOST}:{h2server.port}/trailers", har=har,
+    )
+    assert result.returncode == 0, result.stderr
+    [entry] = entries(har)
+    assert {"name": "grpc-status", "value": "0"} in entry["response"]["_trailers"]
+
+
+def test_python_urllib_and_http_client(ca_file: str, https: servers._ThreadingServer) -> None:
+    port = https.server_address[1]
+    code = (
+        "import urllib.request, http.client, ssl\n"
+        f"print(urllib.request.urlopen('https://{HOST}:{port}/hello').read().decode(), end='')\n"
+        f"c = http.client.HTTPSConnection('{HOST}', {port}, context=ssl.create_default_context())\n"
+        "c.request('POST', '/submit', body=b'abc')\n"
+        "print(c.getresponse().read().decode())\n"
+    )
+    result = tapui_https(ca_file, PY, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "hello from the host",
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+    ]
+
+
+def test_node_https(ca_file: str, https: servers._ThreadingServer) -> None:
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    port = https.server_address[1]
+    code = (
+        f"require('https').get('https://{HOST}:{port}/hello', r => {{"
+        "let b=''; r.on('data', d => b += d); r.on('end', () => process.stdout.write(b)); })"
+        ".on('error', e => { console.error(e.message); process.exit(3); })"
+    )
+    result = tapui_https(ca_file, "node", "-e", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+
+
+def test_wget_https(ca_file: str, https: servers._ThreadingServer) -> None:
+    port = https.server_address[1]
+    result = tapui_https(ca_file, "wget", "-q", "-O", "-", f"https://{HOST}:{port}/hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+
+
+def test_unknown_upstream_ca_fails_the_apps_handshake(https: servers._ThreadingServer) -> None:
+    port = https.server_address[1]
+    result = run_tapui("--no-ui", "--", "curl", "-sS", f"https://{HOST}:{port}/hello")
+    assert result.returncode != 0  # curl's own TLS failure
+    assert result.stdout == ""
+    assert "certificate verify failed" in result.stderr  # the flow says why
+    assert https.requests == []
+
+
+def test_insecure_skips_upstream_verification(https: servers._ThreadingServer) -> None:
+    port = https.server_address[1]
+    result = run_tapui("--no-ui", "--insecure", "--", "curl", "-sS", f"https://{HOST}:{port}/hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+
+
+def test_ignore_hosts_passes_tls_through_untouched(ca_file: str, https: servers._ThreadingServer) -> None:
+    """Untouched TLS reaches the upstream's own certificate: curl trusts it only with its CA."""
+    port = https.server_address[1]
+    url = f"https://{HOST}:{port}/hello"
+    result = run_tapui(
+        "--no-ui", "--ignore-hosts", r"^host\.tapui\.internal$", "--",
+        "curl", "-sS", "--cacert", ca_file, url,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+    assert "GET " not in result.stderr  # not decoded: only a connection line
+
+
+def test_client_rejecting_tapuis_certificate_shows_as_error(
+    ca_file: str, https: servers._ThreadingServer
+) -> None:
+    port = https.server_address[1]
+    url = f"https://{HOST}:{port}/hello"
+    result = tapui_https(ca_file, "curl", "-sS", "--cacert", ca_file, url)  # pins the real CA
+    assert result.returncode != 0
+    assert "rejected tapui's TLS" in result.stderr
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd", "gzip, br"])
+def test_encoded_bodies_are_decoded_in_har(
+    ca_file: str, https: servers._ThreadingServer, tmp_path: Path, encoding: str
+) -> None:
+    port = https.server_address[1]
+    har = tmp_path / "s.har"
+    result = tapui_https(
+        ca_file, "curl", "-sS", "-o", "/dev/null",
+        f"https://{HOST}:{port}/encoded/{encoding.replace(' ', '')}", har=har,
+    )
+    assert result.returncode == 0, result.stderr
+    [entry] = entries(har)
+    assert entry["response"]["content"]["text"] == tls_servers.ENCODED_BODY.decode()
+
+
+def test_http2_post_and_concurrent_streams(ca_file: str, h2server: tls_servers.H2Server, tmp_path: Path) -> None:
+    har = tmp_path / "s.har"
+    base = f"https://{HOST}:{h2server.port}"
+    result = tapui_https(
+        ca_file, "curl", "-sS", "--http2", "-Z", f"{base}/bytes/100000", f"{base}/hello",
+        f"{base}/bytes/5000", "-o", "/dev/null", "-o", "/dev/null", "-o", "/dev/null", har=har,
+    )
+    assert result.returncode == 0, result.stderr
+    got = sorted((e["request"]["url"], e["response"]["content"]["size"]) for e in entries(har))
+    assert got == sorted([(f"{base}/bytes/100000", 100000), (f"{base}/hello", 14),
+                          (f"{base}/bytes/5000", 5000)])
+
+
+def test_har_has_connection_level_fields(ca_file: str, https: servers._ThreadingServer, tmp_path: Path) -> None:
+    port = https.server_address[1]
+    har = tmp_path / "s.har"
+    result = tapui_https(
+        ca_file, "curl", "-sS", "-o", "/dev/null", "-H", "Cookie: a=1",
+        f"https://{HOST}:{port}/hello?x=1&y=2", har=har,
+    )
+    assert result.returncode == 0, result.stderr
+    [entry] = entries(har)
+    assert entry["serverIPAddress"] == "169.254.77.1"
+    assert entry["timings"]["connect"] >= 0 and entry["timings"]["ssl"] >= 0
+    assert entry["timings"]["dns"] >= 0  # curl resolved the alias through tapui's DNS
+    assert {"name": "x", "value": "1"} in entry["request"]["queryString"]
+    assert {"name": "a", "value": "1"} in entry["request"]["cookies"]
+    assert entry["_tapui"]["command"].startswith("curl ")
+    assert entry["_tapui"]["pid"] > 0
+
+
+def test_raw_bytes_relayed_unchanged_through_tls(ca_file: str, https: servers._ThreadingServer) -> None:
+    port = https.server_address[1]
+    code = (
+        "import hashlib, urllib.request\n"
+        f"b = urllib.request.urlopen('https://{HOST}:{port}/bytes/3000000').read()\n"
+        "print(hashlib.sha256(b).hexdigest())\n"
+    )
+    result = tapui_https(ca_file, PY, "-c", code)
+    assert result.returncode == 0, result.stderr
+    import hashlib
+
+    assert result.stdout.strip() == hashlib.sha256(servers.random_pool()[:3000000]).hexdigest()
+
+
+def test_plain_http_on_any_port_is_decoded(http_port: int) -> None:
+    result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "raw-http", HOST, str(http_port))
+    assert result.returncode == 0, result.stderr
+    assert "GET http://x/hello 200" in result.stderr or "GET http://x:" in result.stderr
