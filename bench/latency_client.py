@@ -13,6 +13,7 @@ times = []
 for _ in range(n):
     start = time.perf_counter()
     s = socket.create_connection((host, port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if ctx is not None:
         s = ctx.wrap_socket(s, server_hostname=host)
     s.sendall(request)

@@ -69,6 +69,7 @@ def main() -> None:
     def accept(s: socket.socket) -> None:
         while True:
             conn, _ = s.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if ctx is not None:
                 try:
                     conn = ctx.wrap_socket(conn, server_side=True)

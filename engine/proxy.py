@@ -158,6 +158,7 @@ class Relay:
         self.tls_app: ssl.SSLObject | None = None
         self.tls_in: ssl.MemoryBIO | None = None
         self.tls_out: ssl.MemoryBIO | None = None
+        self.early_upstream: list[bytes] = []  # server bytes that came before the app's handshake
         self.app_eof_seen = False
         self.upstream_eof_seen = False
         server_ip, server_port = conn.server
@@ -375,6 +376,10 @@ class Relay:
             if not self._app_handshake_done:
                 tls_app.do_handshake()
                 self._app_handshake_done = True
+                self._flush_tls()
+                early, self.early_upstream = self.early_upstream, []
+                for chunk in early:
+                    self.from_upstream_plaintext(chunk)
             while True:
                 plain = tls_app.read(TLS_READ)
                 if not plain:
@@ -411,8 +416,16 @@ class Relay:
         self.received += len(data)
         if self.mode == "sniff":
             self._go_plain("unknown", "tcp")  # the server spoke first
+        self.from_upstream_plaintext(data)
+
+    def from_upstream_plaintext(self, data: bytes) -> None:
         if self.mode == "tls":
             assert self.tls_app is not None
+            if not self._app_handshake_done:
+                # The server spoke first (HTTP/2 SETTINGS) before the app finished its handshake
+                # with us: hold the bytes until it has.
+                self.early_upstream.append(data)
+                return
             try:
                 self.tls_app.write(data)
             except ssl.SSLError as exc:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -238,3 +240,26 @@ def test_plain_http_on_any_port_is_decoded(http_port: int) -> None:
     result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "raw-http", HOST, str(http_port))
     assert result.returncode == 0, result.stderr
     assert "GET http://x/hello 200" in result.stderr or "GET http://x:" in result.stderr
+
+
+def test_server_speaking_first_over_tls_reaches_a_slow_client(ca: trustme.CA, ca_file: str) -> None:
+    """The server's first bytes arrive before the app finished its handshake with tapui."""
+    ctx = tls_servers.server_context(ca, [])
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        raw, _ = listener.accept()
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            conn.sendall(b"banner from the server\n")
+            conn.recv(100)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = tapui_https(ca_file, PY, client("slow_tls.py"), HOST, str(port))
+    finally:
+        listener.close()
+        thread.join(5)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "banner from the server"
