@@ -1,0 +1,86 @@
+"""What tapui leaves behind: HAR at exit (also on SIGTERM or a killed command), JSON lines,
+the CA command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HOST, ROOT, run_tapui, tapui_command
+
+PY = sys.executable
+
+
+def _request_then_wait(port: int) -> str:
+    return (
+        "import sys, time, urllib.request\n"
+        f"urllib.request.urlopen('http://{HOST}:{port}/hello').read()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+
+
+@pytest.mark.usefixtures("sandbox")
+@pytest.mark.parametrize("target", ["tapui", "command"])
+def test_har_is_written_when_tapui_is_terminated_or_command_killed(
+    http_port: int, tmp_path: Path, target: str
+) -> None:
+    har = tmp_path / "out.har"
+    proc = subprocess.Popen(
+        tapui_command("--no-ui", "--har", str(har), "--", PY, "-c", _request_then_wait(http_port)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        if target == "tapui":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+            os.kill(int(child), signal.SIGKILL)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 128 + (signal.SIGTERM if target == "tapui" else signal.SIGKILL)
+    entries = json.loads(har.read_text())["log"]["entries"]
+    assert [e["request"]["url"] for e in entries] == [f"http://{HOST}:{http_port}/hello"]
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_jsonl_streams_one_object_per_flow(http_port: int, tmp_path: Path) -> None:
+    out = tmp_path / "flows.jsonl"
+    url = f"http://{HOST}:{http_port}"
+    result = run_tapui(
+        "--no-ui", "--jsonl", str(out), "--", "curl", "-4", "-s", "-o", "/dev/null",
+        "-o", "/dev/null", f"{url}/hello", f"{url}/json",
+    )
+    assert result.returncode == 0, result.stderr
+    flows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(f["method"], f["url"], f["status"]) for f in flows] == [
+        ("GET", f"{url}/hello", 200), ("GET", f"{url}/json", 200)
+    ]
+    assert all(f["pid"] and f["command"].startswith("curl") for f in flows)
+
+
+def test_ca_command_shows_path_fingerprint_and_pem(tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path))
+    result = run_tapui("ca", env=env)
+    assert result.returncode == 0, result.stderr
+    ca_path = tmp_path / "tapui" / "ca.pem"
+    assert f"certificate: {ca_path}" in result.stdout
+    assert "fingerprint (SHA-256): " in result.stdout
+    for key in (tmp_path / "tapui").iterdir():
+        if "key" in key.name:
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    pem = run_tapui("ca", "--pem", "-", env=env).stdout
+    assert pem.startswith("-----BEGIN CERTIFICATE-----")
+    assert pem == ca_path.read_text()
