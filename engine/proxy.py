@@ -30,7 +30,10 @@ CONNECT_TIMEOUT = 30.0
 #: A DNS answer counts as a connection's DNS phase when the SYN follows within this many seconds.
 DNS_PHASE_WINDOW = 2.0
 SNIFF_LIMIT = 16 * 1024
-UPSTREAM_HIGH_WATER = 4 * 1024 * 1024
+# The upstream buffer's marks sit well below the app's window (tcp.RCV_BUF, 4 MiB): asyncio
+# pauses us before the window closes, and its resume_writing() is our cue to reopen it.
+UPSTREAM_HIGH_WATER = 2 * 1024 * 1024
+UPSTREAM_LOW_WATER = 512 * 1024
 TLS_READ = 256 * 1024
 # A fatal TLS alert (handshake_failure), sent to the app when the upstream handshake fails.
 TLS_ALERT_HANDSHAKE_FAILURE = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40])
@@ -207,7 +210,7 @@ class Relay:
             return
         self.connected = time.time()
         self.upstream = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=UPSTREAM_HIGH_WATER)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=UPSTREAM_HIGH_WATER, low=UPSTREAM_LOW_WATER)  # type: ignore[attr-defined]
         if self.app.state == "CLOSED":  # the app gave up while we dialled
             transport.close()
             return
@@ -332,6 +335,7 @@ class Relay:
         if transport is None or self.mode == "closed":
             return
         self.upstream = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=UPSTREAM_HIGH_WATER, low=UPSTREAM_LOW_WATER)
         self.tls_done = time.time()
         upstream_ssl: ssl.SSLObject = transport.get_extra_info("ssl_object")
         alpn = upstream_ssl.selected_alpn_protocol()

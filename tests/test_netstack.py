@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from tests import servers
-from tests.conftest import HOST, client, run_tapui
+from tests.conftest import HOST, client, run_tapui, tapui_command
 
 pytestmark = pytest.mark.usefixtures("sandbox")
 PY = sys.executable
@@ -57,18 +60,25 @@ def test_wget_reaches_host(http_port: int) -> None:
     assert result.stdout == "hello from the host\n"
 
 
-def test_add_host_name_dials_given_address(http_port: int) -> None:
-    result = run_tapui(
-        "--no-ui",
-        "--add-host",
-        "api.example.test:127.0.0.1",
-        "--",
-        "curl",
-        "-sS",
-        f"http://api.example.test:{http_port}/hello",
-    )
+ADD_HOST_CLIENTS = {
+    "curl": ["curl", "-sS", "{url}"],
+    "python-urllib": [PY, "-c", "import urllib.request as u; print(u.urlopen('{url}').read().decode(), end='')"],
+    "python-socket": [PY, client("netcheck.py"), "raw-http", "api.example.test", "{port}"],
+    "node": ["node", "-e", "require('http').get('{url}', r => r.pipe(process.stdout))"],
+    "wget": ["wget", "-q", "-O", "-", "{url}"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADD_HOST_CLIENTS))
+def test_add_host_name_dials_given_address(http_port: int, name: str) -> None:
+    url = f"http://api.example.test:{http_port}/hello"
+    command = [part.format(url=url, port=http_port) for part in ADD_HOST_CLIENTS[name]]
+    if shutil.which(command[0]) is None:
+        pytest.skip(f"{command[0]} is not installed")
+    result = run_tapui("--no-ui", "--add-host", "api.example.test:127.0.0.1", "--", *command)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "hello from the host\n"
+    expected = "HTTP/1.1 200 OK hello from the host" if name == "python-socket" else "hello from the host"
+    assert result.stdout.strip() == expected
 
 
 def test_sandbox_loopback_is_not_the_hosts(http_port: int) -> None:
@@ -153,3 +163,69 @@ def test_connection_lines_report_bytes(http_port: int) -> None:
     lines = [line for line in result.stderr.splitlines() if f" tcp {HOST}:{http_port} " in line]
     assert len(lines) == 1, result.stderr
     assert "received 5.0 KiB" in lines[0] or "received 5.1 KiB" in lines[0]
+
+
+class SlowServer(threading.Thread):
+    """'download N': sends N bytes as fast as it can; 'upload N': reads N bytes slowly, then
+    answers with the count."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+
+    def run(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            line = b""
+            while not line.endswith(b"\n"):  # byte by byte: nothing past the line is consumed
+                line += conn.recv(1)
+            mode, size = line.split()
+            total = int(size)
+            if mode == b"download":
+                block = b"d" * (1 << 20)
+                for _ in range(total >> 20):
+                    conn.sendall(block)
+            else:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                got = 0
+                while chunk := conn.recv(256 * 1024):
+                    got += len(chunk)
+                    if got < total // 2:
+                        time.sleep(0.01)
+                conn.sendall(str(got).encode())
+
+    def stop(self) -> None:
+        self.listener.close()
+        self.join(10)
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.parametrize("mode", ["download", "upload"])
+def test_slow_side_pushes_back_and_memory_stays_bounded(mode: str) -> None:
+    """300 MiB through a reader at ~25 MB/s: tapui buffers a few MiB, not the difference."""
+    server = SlowServer()
+    server.start()
+    proc = subprocess.Popen(
+        tapui_command("--no-ui", "-q", "--", PY, client("slowreader.py"), HOST, str(server.port),
+                      mode, "300"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, _peak_rss_kib(proc.pid))
+        except OSError:
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    server.stop()
+    assert proc.returncode == 0, err
+    assert out.split() == ["ok", str(300 * 1024 * 1024)]
+    assert peak < 150 * 1024, f"tapui peaked at {peak} KiB"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,12 +150,11 @@ def test_user_namespaces_disabled_explains_the_fix() -> None:
 
 
 @contextmanager
-def traversable_interpreter(*extra: Path) -> Iterator[None]:
+def traversable_interpreter() -> Iterator[None]:
     """Let other users traverse (o+x, no listing) the directories above this interpreter and
-    this checkout (and `extra` paths) for the test's duration: pyenv keeps Python under /root, mode 0700."""
+    this checkout for the test's duration: pyenv keeps Python under /root, mode 0700."""
     changed: list[tuple[Path, int]] = []
     paths = [Path(os.path.realpath(sys.executable)), Path(sys.prefix), Path(sys.base_prefix), ROOT]
-    paths += extra
     for path in paths:
         for parent in [path, *path.parents]:
             mode = parent.stat().st_mode
@@ -173,18 +174,27 @@ def _as_nobody() -> None:
     os.setuid(65534)
 
 
-def test_unprivileged_user_through_private_tun_node(tmp_path: Path, http_port: int) -> None:
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory other users may traverse (pytest keeps its own temp root at 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="tapui-test-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_unprivileged_user_through_private_tun_node(shared_tmp: Path, http_port: int) -> None:
     """As uid 65534, with a 0666 TUN node the test made (CI runs as root; mknod needs it)."""
     requires_root()
+    tmp_path = shared_tmp
     node = tmp_path / "tun"
     os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(10, 200))
     os.chmod(node, 0o666)
     home = tmp_path / "home"
     home.mkdir()
     os.chown(home, 65534, 65534)
-    os.chmod(tmp_path, 0o755)
     env = dict(os.environ, TAPUI_TUN_DEVICE=str(node), HOME=str(home), XDG_DATA_HOME=str(home))
-    with traversable_interpreter(tmp_path):
+    with traversable_interpreter():
         proc = subprocess.run(
             tapui_command("--no-ui", "--", "sh", "-c", f"id -u; curl -sS http://{HOST}:{http_port}/hello"),
             capture_output=True, text=True, timeout=60, cwd="/", env=env, preexec_fn=_as_nobody,
@@ -194,16 +204,16 @@ def test_unprivileged_user_through_private_tun_node(tmp_path: Path, http_port: i
     assert proc.stdout == "65534\nhello from the host\n"
 
 
-def test_unprivileged_user_without_tun_access_explains_the_fix(tmp_path: Path) -> None:
+def test_unprivileged_user_without_tun_access_explains_the_fix(shared_tmp: Path) -> None:
     requires_root()
+    tmp_path = shared_tmp
     node = tmp_path / "tun"
     os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(10, 200))
     home = tmp_path / "home"
     home.mkdir()
     os.chown(home, 65534, 65534)
-    os.chmod(tmp_path, 0o755)
     env = dict(os.environ, TAPUI_TUN_DEVICE=str(node), HOME=str(home), XDG_DATA_HOME=str(home))
-    with traversable_interpreter(tmp_path):
+    with traversable_interpreter():
         proc = subprocess.run(
             tapui_command("--no-ui", "--", "true"), capture_output=True, text=True, timeout=60,
             cwd="/", env=env, preexec_fn=_as_nobody, stdin=subprocess.DEVNULL,

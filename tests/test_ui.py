@@ -25,9 +25,10 @@ from tapui.app import TapuiApp, run_har_viewer
 from tapui.widgets.export_dialog import ExportDialog
 from tapui.widgets.filter_bar import FilterBar
 from tapui.widgets.flow_detail import FlowDetail
+from tapui.widgets.flow_list import cells
 from tapui.widgets.help_screen import HelpScreen, key_label
 from tapui.widgets.output_panel import OutputPanel, clean_line
-from tests.ui_fixtures import make_flow, sample_flows
+from tests.ui_fixtures import make_flow, raw_flow, sample_flows
 
 SIZE = (140, 30)
 
@@ -179,6 +180,16 @@ async def test_marks_and_cursor_follows_its_flow_across_sorts() -> None:
         assert app.flow_list.selected.id == 4
         await pilot.press("M")
         assert app.flow_list.marked == set()
+
+
+def test_refused_connection_row_says_why() -> None:
+    flow = raw_flow(50)
+    flow.bytes_sent = flow.bytes_received = 0
+    assert cells(flow)["path"] == "↑0b ↓0b"
+    flow.error = "upstream ::1:8080: connection refused"
+    assert cells(flow)["path"] == "✗ upstream ::1:8080: connection refused"
+    flow.bytes_sent = 10  # it moved data before failing: the byte counts matter more
+    assert cells(flow)["path"].startswith("↑10b")
 
 
 @asynctest

@@ -92,7 +92,7 @@ def layout_columns(width: int) -> list[Column]:
             break
         drop_level -= 1
     rest = max(rest, 10)
-    host_width = min(max(rest * 2 // 5, 8), 36)
+    host_width = min(max(rest // 2, 8), 40)
     path_width = max(rest - host_width, 1)
     columns = []
     for name, title, w, right, _ in chosen:
@@ -133,6 +133,8 @@ def cells(flow: Flow) -> dict[str, str]:
         method = flow.kind.value.upper()
         host = f"{conn.hostname or conn.sni or conn.server[0]}:{conn.server[1]}"
         path = f"↑{human_size(flow.bytes_sent)} ↓{human_size(flow.bytes_received)}" if raw else ""
+        if flow.error and not (flow.bytes_sent or flow.bytes_received):
+            path = f"✗ {flow.error}"  # e.g. a refused connection: why is what matters
         version = ""
     if flow.kind is FlowKind.WEBSOCKET:
         path = f"{path}  ⇄ {len(flow.websocket_messages)} msgs"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -35,18 +36,43 @@ def keys_table(sections: Iterable[tuple[str, Iterable[BindingType]]]) -> Table:
     return table
 
 
+def _rows(section: tuple[str, Iterable[BindingType]]) -> int:
+    described = [b for b in section[1] if isinstance(b, Binding) and b.description]
+    return len(described) + 2
+
+
+def keys_columns(sections: list[tuple[str, Iterable[BindingType]]]) -> Table:
+    """The sections in two columns of about equal height (so a wide terminal needs no
+    scrolling); the first sections go left."""
+    heights = [_rows(section) for section in sections]
+    split = min(range(1, len(sections)),
+                key=lambda i: max(sum(heights[:i]), sum(heights[i:])), default=len(sections))
+    grid = Table.grid(padding=(0, 4))
+    grid.add_column(vertical="top")
+    grid.add_column(vertical="top")
+    grid.add_row(keys_table(sections[:split]), keys_table(sections[split:]))
+    return grid
+
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "close", "Close help")]
 
     def __init__(self, sections: list[tuple[str, Iterable[BindingType]]]) -> None:
         super().__init__()
-        self.sections = sections
-        self.table = keys_table(sections)
+        self.sections = [(title, list(bindings)) for title, bindings in sections]
+        self.table: Table = keys_table(self.sections)
 
     def compose(self) -> ComposeResult:
+        # Two columns when they fit (a wide terminal then needs no scrolling), else one.
+        console = self.app.console
+        columns = keys_columns(self.sections)
+        width = Measurement.get(console, console.options, columns).maximum + 5  # border etc.
         with VerticalScroll(id="help-box") as box:
             box.border_title = "tapui keys"
             box.border_subtitle = "esc to close"
+            if len(self.sections) > 1 and width <= self.app.size.width - 4:
+                self.table = columns
+                box.styles.width = width
             yield Static(self.table, id="help-table")
 
     def action_close(self) -> None:
