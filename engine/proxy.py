@@ -165,6 +165,7 @@ class Relay:
         self.tls_in: ssl.MemoryBIO | None = None
         self.tls_out: ssl.MemoryBIO | None = None
         self.early_upstream: list[bytes] = []  # server bytes that came before the app's handshake
+        self.upstream_tls: tuple[ssl.SSLContext, str] | None = None  # for session resumption
         self.app_eof_seen = False
         self.upstream_eof_seen = False
         server_ip, server_port = conn.server
@@ -369,6 +370,7 @@ class Relay:
         server_name = hello.sni or self.info.upstream[0]  # type: ignore[index]
         try:
             ctx = tls.upstream_context(hello.alpn, opts.insecure, opts.upstream_ca)
+            self.upstream_tls = (ctx, server_name)
             transport = await self.proxy.loop.start_tls(
                 self.upstream, self.protocol, ctx, server_hostname=server_name
             )
@@ -459,7 +461,18 @@ class Relay:
 
     # ---- upstream to app ----------------------------------------------------------------
 
+    def _remember_tls_session(self) -> None:
+        if self.upstream_tls is None or self.upstream is None:
+            return
+        ctx, server_name = self.upstream_tls
+        ssl_object = self.upstream.get_extra_info("ssl_object")
+        if ssl_object is not None and isinstance(ctx, tls.ResumingContext):
+            ctx.remember(server_name, ssl_object)
+            self.upstream_tls = None  # once is enough
+
     def from_upstream(self, data: bytes) -> None:
+        if self.upstream_tls is not None:
+            self._remember_tls_session()
         self.received += len(data)
         if self.mode == "sniff":
             self._go_plain("unknown", "tcp")  # the server spoke first
