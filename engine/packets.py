@@ -202,6 +202,40 @@ def tcp_segment(
     return _VNET_TCP6 + _IPV6.pack(0x60000000, tcp_len, PROTO_TCP, 64, src, dst) + tcp + options
 
 
+class SegmentTemplate:
+    """Headers of one connection's segments toward the app, with the constant parts summed
+    once: per segment only the lengths, sequence numbers, flags and window change."""
+
+    __slots__ = ("prefix", "ip_words", "addrs", "ports", "pseudo_base", "v4")
+
+    _V4 = struct.Struct("!HHHHHH")
+    _V6 = struct.Struct("!IHBB")
+    _TCP = struct.Struct("!4sIIBBHHH")
+
+    def __init__(self, src: bytes, dst: bytes, sport: int, dport: int) -> None:
+        self.v4 = len(src) == 4
+        self.addrs = src + dst
+        self.ports = struct.pack("!HH", sport, dport)
+        self.pseudo_base = address_sum(src, dst) + PROTO_TCP
+        self.prefix = _VNET_TCP4 if self.v4 else _VNET_TCP6
+        # IPv4 words that never change: version/IHL, DF, TTL/protocol, the addresses.
+        self.ip_words = 0x4500 + 0x4000 + (64 << 8 | PROTO_TCP) + ones_sum(self.addrs)
+
+    def header(self, seq: int, ack: int, flags: int, window: int, payload_len: int) -> bytes:
+        tcp_len = 20 + payload_len
+        pseudo = self.pseudo_base + tcp_len
+        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+        tcp = self._TCP.pack(self.ports, seq, ack, 0x50, flags, window, pseudo & 0xFFFF, 0)
+        if self.v4:
+            total = 20 + tcp_len
+            csum = self.ip_words + total
+            csum = (csum & 0xFFFF) + (csum >> 16)
+            csum = (csum & 0xFFFF) + (csum >> 16)
+            ip = self._V4.pack(0x4500, total, 0, 0x4000, 64 << 8 | PROTO_TCP, ~csum & 0xFFFF)
+            return self.prefix + ip + self.addrs + tcp
+        return self.prefix + self._V6.pack(0x60000000, tcp_len, PROTO_TCP, 64) + self.addrs + tcp
+
+
 def udp_datagram(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
     udp_len = 8 + len(payload)
     pseudo = fold(address_sum(src, dst) + PROTO_UDP + udp_len)

@@ -138,6 +138,7 @@ class TcpConnection:
         self.client = (packets.ip_str(src), sport)
         self.server = (packets.ip_str(dst), dport)
         self.addr_sum = packets.address_sum(dst, src)  # we send from dst to src
+        self.template = packets.SegmentTemplate(dst, src, dport, sport)
         self.mss = min(peer_mss or 536, 65535 - (40 if len(src) == 4 else 60) - 20)
         self.wscale_ok = peer_wscale is not None
         self.peer_wscale = peer_wscale or 0
@@ -180,19 +181,18 @@ class TcpConnection:
     ) -> None:
         window = self._window()
         self.last_window_sent = window
-        hdr = packets.tcp_segment(
-            self.dst,
-            self.src,
-            self.dport,
-            self.sport,
-            seq,
-            self.rcv_nxt if flags & ACK else 0,
-            flags,
-            window,
-            self.addr_sum,
-            sum(map(len, payload)) if payload else 0,
-            options,
-        )
+        ack = self.rcv_nxt if flags & ACK else 0
+        if options:
+            length = sum(map(len, payload)) if payload else 0
+            hdr = packets.tcp_segment(
+                self.dst, self.src, self.dport, self.sport, seq, ack, flags, window,
+                self.addr_sum, length, options,
+            )
+        elif payload:
+            length = len(payload[0]) if len(payload) == 1 else sum(map(len, payload))
+            hdr = self.template.header(seq, ack, flags, window, length)
+        else:
+            hdr = self.template.header(seq, ack, flags, window, 0)
         try:
             if payload:
                 os.writev(self.stack.fd, [hdr, *payload])
