@@ -361,6 +361,66 @@ def _tokenize(expr: str) -> list[_Token]:
     return tokens
 
 
+# --- syntax tree ------------------------------------------------------------------------------
+#
+# `parse_tree` gives the parsed expression as data, for other back ends (engine.sqlfilter
+# compiles it to SQL); `parse` builds Python predicates from the same tree.
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """`~name [arg]`; arg is None, a regex source (str) or a number (int)."""
+
+    name: str
+    arg: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """Plain text: a case-insensitive regex (or literal) over URL, headers and bodies."""
+
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    inner: Node
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    terms: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    terms: tuple[Node, ...]
+
+
+Node = Op | Text | Not | And | Or
+
+#: The public name of the pattern type used by every regex argument.
+Pattern = _Pattern
+
+
+def build(node: Node) -> Filter:
+    """A Python predicate for a syntax tree."""
+    if isinstance(node, Text):
+        return _text(_Pattern(node.value))
+    if isinstance(node, Not):
+        inner = build(node.inner)
+        return lambda flow: not inner(flow)
+    if isinstance(node, And):
+        return functools.reduce(_and, [build(t) for t in node.terms])
+    if isinstance(node, Or):
+        return functools.reduce(_or, [build(t) for t in node.terms])
+    if node.name in _NO_ARG:
+        return _NO_ARG[node.name]
+    if node.name in _INT_ARG:
+        return _INT_ARG[node.name](int(node.arg))  # type: ignore[arg-type]
+    return _REGEX_ARG[node.name](_Pattern(str(node.arg)))
+
+
 class _Parser:
     """Recursive descent: or := and ('|' and)*; and := not ('&'? not)*; not := '!' not | atom."""
 
@@ -386,41 +446,41 @@ class _Parser:
     def end_pos(self) -> int:
         return len(self.expr)
 
-    def parse(self) -> Filter:
+    def parse(self) -> Node:
         if not self.tokens:
-            return _NO_ARG["all"]
+            return Op("all")
         result = self.parse_or()
         token = self.peek()
         if token is not None:
             raise FilterError(f"unexpected {token.value!r}", token.pos)
         return result
 
-    def parse_or(self) -> Filter:
+    def parse_or(self) -> Node:
         terms = [self.parse_and()]
         while (token := self.peek()) is not None and token.kind == "|":
             self.take()
             terms.append(self.parse_and())
-        return functools.reduce(_or, terms)
+        return terms[0] if len(terms) == 1 else Or(tuple(terms))
 
-    def parse_and(self) -> Filter:
+    def parse_and(self) -> Node:
         terms = [self.parse_not()]
         while (token := self.peek()) is not None and token.kind not in ("|", ")"):
             if token.kind == "&":
                 self.take()
             terms.append(self.parse_not())
-        return functools.reduce(_and, terms)
+        return terms[0] if len(terms) == 1 else And(tuple(terms))
 
-    def parse_not(self) -> Filter:
+    def parse_not(self) -> Node:
         token = self.peek()
         if token is not None and token.kind == "!":
             self.take()
             self.nest(token.pos)
             inner = self.parse_not()
             self.depth -= 1
-            return lambda flow: not inner(flow)
+            return Not(inner)
         return self.parse_atom()
 
-    def parse_atom(self) -> Filter:
+    def parse_atom(self) -> Node:
         token = self.peek()
         if token is None:
             raise FilterError("expression expected", self.end_pos())
@@ -436,15 +496,15 @@ class _Parser:
             self.take()
             return inner
         if token.kind == "word":
-            return _text(_Pattern(token.value))
+            return Text(token.value)
         if token.kind == "op":
             return self.parse_op(token)
         raise FilterError(f"unexpected {token.value!r}", token.pos)
 
-    def parse_op(self, token: _Token) -> Filter:
+    def parse_op(self, token: _Token) -> Node:
         name = token.value
         if name in _NO_ARG:
-            return _NO_ARG[name]
+            return Op(name)
         if name not in _REGEX_ARG and name not in _INT_ARG:
             raise FilterError(f"unknown filter ~{name}", token.pos)
         arg = self.peek()
@@ -457,10 +517,15 @@ class _Parser:
                 number = int(arg.value, 10)
             except ValueError:
                 raise FilterError(f"~{name} needs a number", arg.pos) from None
-            return _INT_ARG[name](number)
-        return _REGEX_ARG[name](_Pattern(arg.value))
+            return Op(name, number)
+        return Op(name, arg.value)
+
+
+def parse_tree(expr: str) -> Node:
+    """The syntax tree of a filter expression (`Op("all")` when empty); raises FilterError."""
+    return _Parser(expr).parse()
 
 
 def parse(expr: str) -> Filter:
     """Compile a filter expression; an empty expression matches every flow."""
-    return _Parser(expr).parse()
+    return build(parse_tree(expr))

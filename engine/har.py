@@ -446,6 +446,12 @@ def _timings(entry: dict[str, Any]) -> Timings:
     return t
 
 
+def flow_from_entry(entry: dict[str, Any], conns: dict[str, Connection] | None = None) -> Flow:
+    """One flow from a HAR entry (for streaming readers); entries sharing a `connection` id
+    share a Connection through `conns`. Raises KeyError, TypeError or ValueError."""
+    return _flow_from_entry(entry, {} if conns is None else conns)
+
+
 def _flow_from_entry(entry: dict[str, Any], conns: dict[str, Connection]) -> Flow:
     req = entry["request"]
     url = urlsplit(req["url"])
@@ -495,12 +501,16 @@ def _flow_from_entry(entry: dict[str, Any], conns: dict[str, Connection]) -> Flo
                     data = encode_body(data, coding)
                 except ContentDecodeError:
                     pass
+        body = Body.of(data)
+        full = resp.get("bodySize")
+        if content.get("_truncated") and data and isinstance(full, int) and full > len(data):
+            body.cap, body.size = len(data), full  # ours: the first bytes of a longer body
         flow.response = Response(
             status=status,
             reason=str(resp.get("statusText") or ""),
             http_version=_version(resp.get("httpVersion") or req.get("httpVersion")),
             headers=rheaders,
-            body=Body.of(data),
+            body=body,
             trailers=_headers_from(resp.get("_trailers")),
         )
     messages = entry.get("_webSocketMessages")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -16,6 +16,7 @@ from engine.curl import CurlError, to_curl
 from engine.filters import FilterError
 from engine.flow import Flow, FlowBus
 from engine.runstatus import CommandState, RunStatus
+from engine.session_store import SessionStore
 from engine.store import FlowStore
 from tapui import clipboard
 from tapui.messages import FilterChanged, FilterClosed, OpenFlow, ViewChanged
@@ -59,12 +60,14 @@ class TapuiApp(App[int]):
         status: RunStatus | None = None,
         flows: Iterable[Flow] = (),
         title: str = "tapui",
+        store: FlowStore | SessionStore | None = None,
     ) -> None:
         super().__init__()
         self.title = title
         self.bus = bus
         self.status = status
-        self.store = FlowStore()
+        #: In memory by default; a SessionStore reads a session file (live or saved).
+        self.store: FlowStore | SessionStore = store if store is not None else FlowStore()
         self.store.add(flows)
         self.last_copied: str | None = None
         self._last_state: tuple[CommandState, int | None] | None = None
@@ -200,39 +203,54 @@ class TapuiApp(App[int]):
         elif self.flow_list.marked:
             flows = self.flow_list.marked_flows()
             what = f"{len(flows)} marked flows"
+        elif isinstance(self.store, SessionStore):  # streamed from the file, never all in RAM
+            store = self.store
+            self._ask_and_write(store.view_len, f"Export {store.view_len} shown flows as HAR to:",
+                                lambda path: store.write_har(path, view_only=True))
+            return
         else:
             flows = self.store.view_flows()
             what = f"{len(flows)} shown flows"
-        self._ask_and_write(flows, f"Export {what} as HAR to:")
+        self._ask_and_write(len(flows), f"Export {what} as HAR to:", self._har_writer(flows))
 
     def action_save_session(self) -> None:
-        flows = list(self.store)
-        self._ask_and_write(flows, f"Save the whole session ({len(flows)} flows) as HAR to:")
+        store = self.store
+        if isinstance(store, SessionStore):
+            self._ask_and_write(len(store), f"Save the whole session ({len(store)} flows) as HAR to:",
+                                lambda path: store.write_har(path, view_only=False))
+            return
+        flows = list(store)
+        self._ask_and_write(len(flows), f"Save the whole session ({len(flows)} flows) as HAR to:",
+                            self._har_writer(flows))
 
-    def _ask_and_write(self, flows: list[Flow], title: str) -> None:
-        if not flows:
+    @staticmethod
+    def _har_writer(flows: list[Flow]) -> Callable[[str], int]:
+        from engine.har import write_har
+
+        return lambda path: write_har(path, flows)
+
+    def _ask_and_write(self, count: int, title: str, write: Callable[[str], int]) -> None:
+        if not count:
             self.notify("Nothing to export.", severity="warning")
             return
 
         def chosen(path: str | None) -> None:
             if path:
-                self.run_worker(lambda: self._write_har(path, flows), thread=True,
+                self.run_worker(lambda: self._write_har(path, count, write), thread=True,
                                 name="har-export", group="export")
 
         self.push_screen(ExportDialog(title, default_har_path()), chosen)
 
-    def _write_har(self, path: str, flows: list[Flow]) -> None:
+    def _write_har(self, path: str, total: int, write: Callable[[str], int]) -> None:
         """Runs in a worker thread: large sessions take a while to write."""
-        from engine.har import write_har
-
         path = os.path.expanduser(path)
         try:
-            count = write_har(path, flows)
+            count = write(path)
         except Exception as exc:  # report any failure, never crash the session
             self.call_from_thread(self.notify, f"Could not write {path}: {exc}",
                                   severity="error", markup=False)
             return
-        skipped = len(flows) - count
+        skipped = total - count
         note = f" ({skipped} raw TCP/UDP flows have no HAR form)" if skipped else ""
         self.call_from_thread(self.notify, f"Wrote {count} flows to {path}{note}", markup=False)
 
@@ -290,17 +308,26 @@ class TapuiApp(App[int]):
             yield SystemCommand(title, help_text, callback)
 
 
-def run_har_viewer(path: str) -> int:
-    """`tapui open FILE.har`: browse a saved session. Returns the process exit code."""
-    from engine.har import HarError, load_har
+def run_viewer(path: str) -> int:
+    """`tapui open FILE`: browse a session file or a HAR file. Returns the exit code."""
+    from engine.errors import TapuiError
+    from engine.har import HarError
+    from engine.session import open_any
 
     try:
-        flows = list(load_har(path))
-    except HarError as exc:
-        print(f"tapui: {exc}", file=sys.stderr)
+        store = open_any(path)
+    except (HarError, TapuiError) as exc:
+        message = str(exc).strip().splitlines()[0]  # parsers add pointer lines; one line will do
+        print(message if message.startswith("tapui") else f"tapui: {message}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"tapui: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    TapuiApp(flows=flows, title=f"tapui · {os.path.basename(path)}").run()
+    try:
+        TapuiApp(store=store, title=f"tapui · {os.path.basename(path)}").run()
+    finally:
+        store.close()
     return 0
+
+
+run_har_viewer = run_viewer  # the name the first releases used

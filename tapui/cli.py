@@ -26,7 +26,12 @@ examples:
   tapui --no-ui --har out.har -- ./build.sh         also write a HAR file at exit
   tapui --add-host api.test:127.0.0.1 -- node app.js   api.test dials the host's loopback
   tapui open out.har                                browse a saved HAR file
+  tapui open session.tapui                          browse a saved session
+  tapui sessions                                    list the kept sessions
   tapui ca                                          where tapui's CA is, and its fingerprint
+
+Every run is saved as a session file (SQLite) under ~/.local/state/tapui/sessions
+(the newest 10 are kept) unless --save names one or --no-save is given.
 
 Inside the sandbox, {HOST_ALIAS} reaches the host's 127.0.0.1 and ::1.
 """
@@ -53,7 +58,8 @@ def add_host_arg(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapui",
-        usage="tapui [options] [--] [COMMAND [ARGS...]]\n       tapui open FILE\n       tapui ca [--pem FILE]",
+        usage="tapui [options] [--] [COMMAND [ARGS...]]\n       tapui open FILE\n"
+        "       tapui sessions\n       tapui ca [--pem FILE]",
         description=(
             "Run COMMAND in a rootless sandbox and show every HTTP and HTTPS exchange it makes. "
             "Without COMMAND, runs your $SHELL in the sandbox."
@@ -116,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep at most SIZE bytes of each body (the full size is still recorded; default 64M)",
     )
     parser.add_argument(
+        "--save",
+        metavar="FILE",
+        help="write the session to FILE (default: a new file under ~/.local/state/tapui/sessions;"
+        " the newest 10 are kept)",
+    )
+    parser.add_argument(
+        "--no-save", action="store_true", help="keep flows in memory only; write no session file"
+    )
+    parser.add_argument(
+        "--max-session-size",
+        metavar="SIZE",
+        type=size_arg,
+        default=0,
+        help="drop the oldest bodies (their metadata stays) to keep the session under SIZE",
+    )
+    parser.add_argument(
         "--tun-device",
         metavar="PATH",
         default=os.environ.get(TUN_ENV, "/dev/net/tun"),
@@ -139,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_open(args_list[1:])
         if args_list and args_list[0] == "ca":
             return cmd_ca(args_list[1:])
+        if args_list and args_list[0] == "sessions":
+            from engine.session import cmd_sessions
+
+            return cmd_sessions(args_list[1:])
         return cmd_run(args_list)
     except TapuiError as exc:
         print(str(exc), file=sys.stderr)
@@ -166,12 +192,16 @@ def cmd_ca(argv: list[str]) -> int:
 
 
 def cmd_open(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tapui open", description="Browse a saved HAR file.")
-    parser.add_argument("file", help="a HAR file (from tapui, a browser or another tool)")
+    parser = argparse.ArgumentParser(
+        prog="tapui open", description="Browse a saved session file or a HAR file."
+    )
+    parser.add_argument(
+        "file", help="a tapui session file, or a HAR file (from tapui, a browser or another tool)"
+    )
     args = parser.parse_args(argv)
-    from tapui.app import run_har_viewer
+    from tapui.app import run_viewer
 
-    return run_har_viewer(args.file)
+    return run_viewer(args.file)
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -203,7 +233,16 @@ def cmd_run(argv: list[str]) -> int:
             re.compile(pattern)
         except re.error as exc:
             parser.error(f"--ignore-hosts {pattern!r}: {exc}")
+    if args.save and args.no_save:
+        parser.error("--save and --no-save exclude each other")
     bus = FlowBus()
+    writer = None
+    if not args.no_save:
+        from engine.session import open_session_writer
+
+        writer = open_session_writer(
+            args.save, command, bus, max_session_size=args.max_session_size
+        )
     recorder = Recorder(bus) if args.har else None
     jsonl_out = open_jsonl(args.jsonl, bus) if args.jsonl else None
     status = RunStatus(command=command)
@@ -211,12 +250,14 @@ def cmd_run(argv: list[str]) -> int:
         if args.no_ui:
             code = run_headless(options, bus, status, quiet=args.quiet)
         else:
-            code = run_with_ui(options, bus, status)
+            code = run_with_ui(options, bus, status, writer.path if writer else None)
     finally:
         if jsonl_out is not None and jsonl_out is not sys.stdout:
             jsonl_out.close()
         if recorder is not None:
             recorder.write(args.har)
+        if writer is not None:
+            writer.close()
     return code
 
 
@@ -279,7 +320,9 @@ async def _headless(capture: Capture) -> int:
     return await capture.run()
 
 
-def run_with_ui(options: CaptureOptions, bus: FlowBus, status: RunStatus) -> int:
+def run_with_ui(
+    options: CaptureOptions, bus: FlowBus, status: RunStatus, session_path: Path | None = None
+) -> int:
     import pty
 
     from tapui.app import TapuiApp
@@ -313,7 +356,12 @@ def run_with_ui(options: CaptureOptions, bus: FlowBus, status: RunStatus) -> int
 
     thread = threading.Thread(target=engine_thread, name="tapui-engine", daemon=True)
     thread.start()
-    app = TapuiApp(bus=bus, status=status, title="tapui " + " ".join(options.argv))
+    store = None
+    if session_path is not None:  # the UI reads the session file: memory stays bounded
+        from engine.session_store import SessionStore
+
+        store = SessionStore(session_path)
+    app = TapuiApp(bus=bus, status=status, title="tapui " + " ".join(options.argv), store=store)
     try:
         app.run()
     finally:
@@ -327,6 +375,8 @@ def run_with_ui(options: CaptureOptions, bus: FlowBus, status: RunStatus) -> int
             os.close(master)
         except OSError:
             pass
+        if store is not None:
+            store.close()
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
     return int(result.get("code", 0))  # type: ignore[arg-type]

@@ -60,14 +60,18 @@ def data_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _private_xdg(data_home: Path) -> Iterator[None]:
-    old = os.environ.get("XDG_DATA_HOME")
-    os.environ["XDG_DATA_HOME"] = str(data_home)
+def _private_xdg(data_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The tests' CA and session files stay out of the user's own directories."""
+    private = {"XDG_DATA_HOME": str(data_home),
+               "XDG_STATE_HOME": str(tmp_path_factory.mktemp("xdg-state"))}
+    old = {name: os.environ.get(name) for name in private}
+    os.environ.update(private)
     yield
-    if old is None:
-        os.environ.pop("XDG_DATA_HOME", None)
-    else:
-        os.environ["XDG_DATA_HOME"] = old
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
