@@ -84,3 +84,21 @@ def test_ca_command_shows_path_fingerprint_and_pem(tmp_path: Path) -> None:
     pem = run_tapui("ca", "--pem", "-", env=env).stdout
     assert pem.startswith("-----BEGIN CERTIFICATE-----")
     assert pem == ca_path.read_text()
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_sessions_lists_runs_and_survives_a_closed_pipe(http_port: int, tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path))
+    url = f"http://{HOST}:{http_port}/hello"
+    for _ in range(3):
+        assert run_tapui("--no-ui", "-q", "--", "curl", "-s", url, env=env).returncode == 0
+    listing = run_tapui("sessions", env=env)
+    assert listing.returncode == 0, listing.stderr
+    rows = [line for line in listing.stdout.splitlines() if "curl -s" in line]
+    assert len(rows) == 3
+    assert all(row.split()[2] in ("1", "2") for row in rows)  # flows: the request (+ refused ::1)
+    piped = subprocess.run(
+        f"{' '.join(tapui_command('sessions'))} | head -1", shell=True, capture_output=True,
+        text=True, env=env, cwd=ROOT,
+    )
+    assert "Traceback" not in piped.stderr
