@@ -27,7 +27,7 @@ from tapui.widgets.flow_detail import FlowDetail
 from tapui.widgets.flow_list import FlowList
 from tapui.widgets.help_screen import HelpScreen
 from tapui.widgets.output_panel import OutputPanel, OutputReader
-from tapui.widgets.status_bar import StatusBar
+from tapui.widgets.status_bar import StatusBar, retention_note
 
 #: How often queued flow events and output lines are applied.
 TICK = 0.075
@@ -140,6 +140,7 @@ class TapuiApp(App[int]):
             status, source=self.title, shown=store.view_len, total=len(store),
             total_bytes=store.total_bytes, filter_expr=store.filter_expr, sort=sort,
             follow=flows.follow, marked=len(flows.marked), hide_raw=store.hide_raw,
+            retention=retention_note(getattr(store, "counters", None)),
         ))
 
     def on_view_changed(self, message: ViewChanged) -> None:

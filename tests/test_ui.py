@@ -490,3 +490,28 @@ def test_engine_does_not_import_the_ui() -> None:
             "assert not any(m.startswith(('textual', 'tapui')) for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True,
                    env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+
+
+@asynctest
+async def test_status_bar_says_when_max_body_size_cut_bodies(tmp_path: Path) -> None:
+    """A session whose bodies were cut by --max-body-size says so in the status bar."""
+    from engine.flow import Body
+    from engine.session import SessionWriter
+    from engine.session_store import SessionStore
+
+    flows = sample_flows()
+    for flow in flows[:3]:
+        assert flow.response is not None
+        body = Body(cap=10)
+        body.append(b"x" * 100)
+        flow.response.body = body
+    writer = SessionWriter(tmp_path / "cut.tapui", ["curl"])
+    writer.add(flows)
+    writer.close()
+    store = SessionStore(writer.path)
+    try:
+        app = TapuiApp(store=store, title="cut.tapui")
+        async with app.run_test(size=SIZE):
+            assert "3 bodies cut to --max-body-size" in str(app.query_one("#status").render())
+    finally:
+        store.close()

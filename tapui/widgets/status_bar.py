@@ -29,6 +29,7 @@ class StatusInfo:
     follow: bool
     marked: int
     hide_raw: bool
+    retention: str = ""  # what --max-body-size / --max-session-size / disk errors cost
 
 
 _STATE_STYLE = {
@@ -91,4 +92,23 @@ class StatusBar(Static):
         if info.filter_expr:
             text.append("  filter: ", style="dim")
             text.append(info.filter_expr, style="yellow")
+        if info.retention:
+            text.append(f"  {info.retention}", style="bold yellow")
         return text
+
+
+def retention_note(counters: object | None) -> str:
+    """A short note when the session's limits or the disk cost something; "" otherwise."""
+    if counters is None:
+        return ""
+    notes = []
+    truncated = getattr(counters, "bodies_truncated", 0)
+    if truncated:
+        notes.append(f"{truncated} bodies cut to --max-body-size")
+    dropped = getattr(counters, "bodies_dropped", 0)
+    if dropped:
+        notes.append(f"{dropped} old bodies dropped for --max-session-size")
+    errors = getattr(counters, "errors", 0)
+    if errors:
+        notes.append(f"{errors} session write errors")
+    return " · ".join(notes)
