@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import statistics
+import tempfile
 import threading
 import time
 
@@ -74,12 +76,34 @@ def timed(label: str, fn, repeat: int = 3) -> float:
     return best
 
 
-def bench_store(flows: list[Flow]) -> None:
-    print(f"store with {len(flows):,} flows")
-    store = FlowStore()
+def session_file(flows: list[Flow], directory: str) -> str:
+    """The flows written by the real session writer, as a live run would leave them."""
+    from engine.session import SessionWriter
+
     t = time.perf_counter()
+    writer = SessionWriter(os.path.join(directory, "bench.tapui"), ["python3", "app.py"])
+    writer.add(flows)
+    writer.close(index_for=600)
+    print(f"wrote {len(flows):,} flows through the session writer in "
+          f"{time.perf_counter() - t:.1f} s")
+    return str(writer.path)
+
+
+def open_store(kind: str, flows: list[Flow], path: str | None):  # type: ignore[no-untyped-def]
+    if kind == "session":
+        from engine.session_store import SessionStore
+
+        return SessionStore(path)  # type: ignore[arg-type]
+    store = FlowStore()
     store.add(flows)
-    print(f"  {'load into store':<44} {(time.perf_counter() - t) * 1000:8.1f} ms")
+    return store
+
+
+def bench_store(kind: str, flows: list[Flow], path: str | None) -> None:
+    print(f"{kind} store with {len(flows):,} flows")
+    t = time.perf_counter()
+    store = open_store(kind, flows, path)
+    print(f"  {'open / load into store':<44} {(time.perf_counter() - t) * 1000:8.1f} ms")
     timed("first text filter (builds search cache) 'zzz'", lambda: store.set_filter("zzz"),
           repeat=1)
     timed("filter ~d host-42\\.", lambda: store.set_filter(r"~d host-42\."))
@@ -93,18 +117,31 @@ def bench_store(flows: list[Flow]) -> None:
     timed("clear filter", lambda: store.set_filter(""))
     timed("sort by size", lambda: store.set_sort("size"))
     timed("sort back to time", lambda: store.set_sort("time"))
+    if kind == "session":
+        store.close()
 
 
-async def bench_app(flows: list[Flow], rate: int, seconds: float) -> None:
+async def bench_app(
+    kind: str, flows: list[Flow], path: str | None, rate: int, seconds: float
+) -> None:
     from tapui.app import TapuiApp
 
     bus = FlowBus()
     status = RunStatus(["python3", "app.py"], CommandState.RUNNING)
     t = time.perf_counter()
-    app = TapuiApp(bus=bus, status=status, flows=flows)
+    writer = None
+    if kind == "session":  # as `tapui -- CMD` runs: the writer records, the UI reads the file
+        from engine.session import SessionWriter
+        from engine.session_store import SessionStore
+
+        writer = SessionWriter(path, ["python3", "app.py"])  # type: ignore[arg-type]
+        writer.attach(bus)
+        app = TapuiApp(bus=bus, status=status, store=SessionStore(path))  # type: ignore[arg-type]
+    else:
+        app = TapuiApp(bus=bus, status=status, flows=flows)
     async with app.run_test(size=(160, 50)) as pilot:
         await pilot.pause()
-        print(f"app with {len(flows):,} flows")
+        print(f"{kind} app with {len(flows):,} flows")
         print(f"  {'construct + mount':<44} {(time.perf_counter() - t) * 1000:8.1f} ms")
         flow_list = app.flow_list
 
@@ -180,6 +217,9 @@ async def bench_app(flows: list[Flow], rate: int, seconds: float) -> None:
         print(f"  {'filter applied by enter in the app':<44} "
               f"{(time.perf_counter() - t) * 1000:8.1f} ms -> {app.store.view_len:,} shown")
         print(f"  resident memory now                          {rss_mib():8.1f} MiB")
+    if writer is not None:
+        writer.close(index_for=0)
+        app.store.close()
 
 
 def main() -> None:
@@ -187,15 +227,24 @@ def main() -> None:
     parser.add_argument("--flows", type=int, default=100_000)
     parser.add_argument("--rate", type=int, default=2000, help="flows per second during ingest")
     parser.add_argument("--seconds", type=float, default=5.0, help="ingest duration")
+    parser.add_argument(
+        "--store", choices=["memory", "session", "both"], default="both",
+        help="the in-memory store (--no-save), the session file (the default), or both",
+    )
     args = parser.parse_args()
     print(f"resident memory at start                       {rss_mib():8.1f} MiB")
     t = time.perf_counter()
     flows = [synthetic_flow(i) for i in range(1, args.flows + 1)]
     print(f"built {len(flows):,} synthetic flows in {(time.perf_counter() - t) * 1000:.0f} ms; "
           f"resident memory {rss_mib():.1f} MiB")
-    bench_store(flows)
-    gc.collect()
-    asyncio.run(bench_app(flows, args.rate, args.seconds))
+    kinds = ["memory", "session"] if args.store == "both" else [args.store]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = session_file(flows, tmp) if "session" in kinds else None
+        for kind in kinds:
+            bench_store(kind, flows, path)
+            gc.collect()
+            asyncio.run(bench_app(kind, flows, path, args.rate, args.seconds))
+            gc.collect()
 
 
 if __name__ == "__main__":

@@ -149,7 +149,13 @@ def sessions_dir() -> Path:
 
 def new_session_path(directory: Path | None = None) -> Path:
     directory = directory or sessions_dir()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise SessionError(
+            f"tapui: cannot keep sessions in {directory}: {exc.strerror or exc}. "
+            "Name a file with --save FILE, set XDG_STATE_HOME, or use --no-save."
+        ) from None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return directory / f"session-{stamp}-{os.getpid()}{SUFFIX}"
 
@@ -751,7 +757,7 @@ def open_session_writer(path: str | os.PathLike[str] | None, command: Iterable[s
                                "session; choose another name")
     try:
         writer = SessionWriter(target, command, max_session_size=max_session_size)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise SessionError(f"tapui: cannot write session {target}: {exc}") from None
     if bus is not None:
         writer.attach(bus)

@@ -175,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except Exception as exc:  # a bug of ours: one line for the user, the trace on request
+        if os.environ.get("TAPUI_DEBUG"):
+            raise
+        print(
+            f"tapui: unexpected error: {type(exc).__name__}: {exc} "
+            "(run with TAPUI_DEBUG=1 to see where)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 def cmd_ca(argv: list[str]) -> int:

@@ -193,7 +193,8 @@ def test_unprivileged_user_through_private_tun_node(shared_tmp: Path, http_port:
     home = tmp_path / "home"
     home.mkdir()
     os.chown(home, 65534, 65534)
-    env = dict(os.environ, TAPUI_TUN_DEVICE=str(node), HOME=str(home), XDG_DATA_HOME=str(home))
+    env = dict(os.environ, TAPUI_TUN_DEVICE=str(node), HOME=str(home), XDG_DATA_HOME=str(home),
+               XDG_STATE_HOME=str(home))
     with traversable_interpreter():
         proc = subprocess.run(
             tapui_command("--no-ui", "--", "sh", "-c", f"id -u; curl -sS http://{HOST}:{http_port}/hello"),
@@ -212,7 +213,8 @@ def test_unprivileged_user_without_tun_access_explains_the_fix(shared_tmp: Path)
     home = tmp_path / "home"
     home.mkdir()
     os.chown(home, 65534, 65534)
-    env = dict(os.environ, TAPUI_TUN_DEVICE=str(node), HOME=str(home), XDG_DATA_HOME=str(home))
+    env = dict(os.environ, TAPUI_TUN_DEVICE=str(node), HOME=str(home), XDG_DATA_HOME=str(home),
+               XDG_STATE_HOME=str(home))
     with traversable_interpreter():
         proc = subprocess.run(
             tapui_command("--no-ui", "--", "true"), capture_output=True, text=True, timeout=60,
@@ -236,3 +238,13 @@ def test_bad_add_host_is_a_usage_error() -> None:
     result = run_tapui("--no-ui", "--add-host", "nonsense", "--", "true")
     assert result.returncode == 2
     assert "NAME:IP" in result.stderr
+
+
+def test_unwritable_session_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    env = dict(os.environ, XDG_STATE_HOME=str(blocker))
+    result = run_tapui("--no-ui", "--", "true", env=env)
+    assert result.returncode == 2
+    assert "cannot keep sessions in" in result.stderr and "--no-save" in result.stderr
+    assert "Traceback" not in result.stderr
