@@ -86,6 +86,7 @@ class Netstack:
         self.connections: dict[ConnKey, TcpConnection] = {}
         self.udp: dict[ConnKey, UdpFlow] = {}
         self._acks: set[TcpConnection] = set()
+        self._deliveries: list[TcpConnection] = []
         self._reaper: asyncio.TimerHandle | None = None
         self.closed = False
         self.stats = {"packets": 0, "dropped": 0}
@@ -118,6 +119,9 @@ class Netstack:
 
     def want_ack(self, conn: TcpConnection) -> None:
         self._acks.add(conn)
+
+    def want_delivery(self, conn: TcpConnection) -> None:
+        self._deliveries.append(conn)
 
     def write(self, packet: bytes) -> None:
         try:
@@ -155,6 +159,10 @@ class Netstack:
             except Exception:  # one bad packet must never stop the stack
                 self.stats["dropped"] += 1
                 log.exception("dropping a packet that broke the stack")
+        if self._deliveries:  # before the ACKs, so their windows count what was handed on
+            deliveries, self._deliveries = self._deliveries, []
+            for conn in deliveries:
+                conn.deliver()
         if self._acks:
             acks, self._acks = self._acks, set()
             for conn in acks:

@@ -37,6 +37,8 @@ SNIFF_LIMIT = 16 * 1024
 # pauses us before the window closes, and its resume_writing() is our cue to reopen it.
 UPSTREAM_HIGH_WATER = 2 * 1024 * 1024
 UPSTREAM_LOW_WATER = 512 * 1024
+#: Bytes read from an upstream socket at once (asyncio reads 256 KiB by default).
+READ_SIZE = 1024 * 1024
 TLS_READ = 256 * 1024
 # A fatal TLS alert (handshake_failure), sent to the app when the upstream handshake fails.
 TLS_ALERT_HANDSHAKE_FAILURE = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40])
@@ -258,6 +260,7 @@ class Relay:
     def _use_transport(self, transport: asyncio.Transport) -> None:
         self.upstream = transport
         transport.set_write_buffer_limits(high=UPSTREAM_HIGH_WATER, low=UPSTREAM_LOW_WATER)
+        transport.max_size = READ_SIZE  # type: ignore[attr-defined]
         self.app.accept(AppSide(self))
 
     def _failed_connect(self, why: str) -> None:

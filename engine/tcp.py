@@ -115,6 +115,7 @@ class Writer(Protocol):
 
     def forget(self, conn: TcpConnection) -> None: ...
     def want_ack(self, conn: TcpConnection) -> None: ...
+    def want_delivery(self, conn: TcpConnection) -> None: ...
     def icmp_unreachable(self, conn: TcpConnection, code: int) -> None: ...
 
 
@@ -167,6 +168,7 @@ class TcpConnection:
         self.last_window_sent = 0
         self.on_established: Callable[[], None] | None = None
         self.syn_packet: bytes | None = None  # quoted in an ICMP unreachable answer
+        self.received: list[memoryview] = []  # in-order data not yet handed to the handler
 
     # ---- to the app -------------------------------------------------------------------
 
@@ -333,13 +335,18 @@ class TcpConnection:
                 self.rcv_nxt = (self.rcv_nxt + len(payload)) & MASK
                 self.stack.want_ack(self)
                 if self.handler is not None:
-                    self.handler.data_received(bytes(payload))
+                    # Handed over once per batch of packets (deliver()): one upstream write
+                    # and one decoder call for what arrived together.
+                    if not self.received:
+                        self.stack.want_delivery(self)
+                    self.received.append(payload)
         if flags & FIN and self.state == "OPEN":
             fin_seq = (pkt.seq + len(pkt.payload)) & MASK
             if fin_seq == self.rcv_nxt and not self.fin_received:
                 self.fin_received = True
                 self.rcv_nxt = (self.rcv_nxt + 1) & MASK
                 self.send_ack()
+                self.deliver()
                 if self.handler is not None:
                     self.handler.eof_received()
                 self._maybe_closed()
@@ -479,9 +486,19 @@ class TcpConnection:
         if self.fin_received and self.fin_acked:
             self._close(None)
 
+    def deliver(self) -> None:
+        """Hand the data received since the last delivery to the handler, in one piece."""
+        if not self.received:
+            return
+        chunks, self.received = self.received, []
+        if self.handler is not None:
+            self.handler.data_received(chunks[0].tobytes() if len(chunks) == 1 else b"".join(chunks))
+
     def _close(self, exc: Exception | None, notify: bool = True) -> None:
         if self.state == "CLOSED":
             return
+        if notify:
+            self.deliver()  # data that came before a RST or the end still counts
         self.state = "CLOSED"
         self._cancel_rto()
         self._cancel_persist()
