@@ -200,7 +200,9 @@ class Capture:
             processes,
         )
         self.proxy.closed_listeners.extend(self.connection_listeners)
-        self.netstack = Netstack(self.tun_fd, loop, self.plan, self.proxy.on_connection)
+        self.netstack = Netstack(
+            self.tun_fd, loop, self.plan, self.proxy.on_connection, self.bus
+        )
         self.proxy.dns = self.netstack.dns
         self.netstack.start()
         exited = loop.create_future()

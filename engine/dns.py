@@ -104,3 +104,20 @@ class DnsResolver:
         """(name, time asked, time answered) of the last answer that gave `address`."""
         return self.answered.get(address)
 
+
+
+def describe_dns(query: bytes, answer: bytes | None) -> tuple[str | None, str | None]:
+    """(what was asked, e.g. "example.test AAAA"; an error when the answer was not NOERROR)."""
+    try:
+        request = dns.message.from_wire(query)
+        question = request.question[0]
+        asked = f"{question.name.to_text(omit_final_dot=True)} {dns.rdatatype.to_text(question.rdtype)}"
+    except (dns.exception.DNSException, IndexError):
+        return None, "malformed DNS query"
+    if answer is None:
+        return asked, "no answer"
+    try:
+        rcode = dns.message.from_wire(answer).rcode()
+    except dns.exception.DNSException:
+        return asked, "malformed answer"
+    return asked, None if rcode == dns.rcode.NOERROR else dns.rcode.to_text(rcode)

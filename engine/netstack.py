@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from engine import packets
 from engine.addresses import GATEWAY_V4, GATEWAY_V6, AddressPlan
-from engine.dns import DnsResolver
+from engine.dns import DnsResolver, describe_dns
+from engine.flow import Connection, Flow, FlowBus, FlowKind, next_connection_id
 from engine.packets import ACK, RST, SYN
 from engine.tcp import TcpConnection
 
@@ -39,8 +40,10 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.last = time.monotonic()
         self.pending: list[bytes] = []
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        src, sport, dst, dport = key
+        self.flow = udp_flow(stack, src, sport, dst, dport, FlowKind.UDP)
+        if stack.bus is not None:
+            stack.bus.new(self.flow)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -50,7 +53,7 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     def send(self, data: bytes) -> None:
         self.last = time.monotonic()
-        self.bytes_sent += len(data)
+        self.flow.bytes_sent += len(data)
         if self.transport is None:
             self.pending.append(data)
         else:
@@ -58,16 +61,31 @@ class UdpFlow(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         self.last = time.monotonic()
-        self.bytes_received += len(data)
+        self.flow.bytes_received += len(data)
         src, sport, dst, dport = self.key
         self.stack.write(packets.udp_datagram(dst, src, dport, sport, data))
 
     def error_received(self, exc: Exception) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, error: str | None = None) -> None:
         if self.transport is not None:
             self.transport.close()
+        if self.stack.bus is not None and not self.flow.finished:
+            self.stack.bus.done(self.flow, error=error)
+
+
+def udp_flow(stack: Netstack, src: bytes, sport: int, dst: bytes, dport: int,
+             kind: FlowKind) -> Flow:
+    """A flow for a UDP exchange (relayed datagrams, or a DNS query tapui answered)."""
+    server = packets.ip_str(dst)
+    named = stack.dns.name_for(server)
+    conn = Connection(
+        id=next_connection_id(), client=(packets.ip_str(src), sport), server=(server, dport),
+        upstream=(stack.plan.upstream_address(server), dport),
+        hostname=named[0] if named else stack.plan.name_of(server), transport="udp",
+    )
+    return Flow(conn=conn, kind=kind)
 
 
 class Netstack:
@@ -77,8 +95,10 @@ class Netstack:
         loop: asyncio.AbstractEventLoop,
         plan: AddressPlan,
         on_connection: NewConnection,
+        bus: FlowBus | None = None,
     ) -> None:
         self.fd = fd
+        self.bus = bus
         self.loop = loop
         self.plan = plan
         self.on_connection = on_connection
@@ -240,13 +260,20 @@ class Netstack:
             await self.loop.create_datagram_endpoint(
                 lambda: flow, remote_addr=(host, port), family=family
             )
-        except OSError:
+        except OSError as exc:
             self.udp.pop(flow.key, None)
+            flow.close(exc.strerror or str(exc))
 
     async def _dns(self, src: bytes, sport: int, dst: bytes, query: bytes) -> None:
+        flow = udp_flow(self, src, sport, dst, DNS_PORT, FlowKind.DNS)
         answer = await self.dns.answer(query)
         if answer is not None and not self.closed:
             self.write(packets.udp_datagram(dst, src, DNS_PORT, sport, answer))
+        if self.bus is not None:
+            flow.conn.hostname, flow.error = describe_dns(query, answer)
+            flow.bytes_sent, flow.bytes_received = len(query), len(answer or b"")
+            self.bus.new(flow)
+            self.bus.done(flow)
 
     def _reap_udp(self) -> None:
         now = time.monotonic()

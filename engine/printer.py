@@ -83,8 +83,14 @@ class LinePrinter:
     def __call__(self, event: FlowEvent) -> None:
         if event.kind != EventKind.DONE:
             return
-        if event.flow.request is not None:
-            self._write(exchange_line(event.flow, self.colour))
+        flow = event.flow
+        if flow.request is not None:
+            self._write(exchange_line(flow, self.colour))
+        elif flow.kind == FlowKind.UDP:
+            self.connection_closed(
+                ConnectionSummary(flow.conn, flow.timings.start, flow.timings.done or time.time(),
+                                  flow.bytes_sent, flow.bytes_received, flow.error)
+            )
 
     def connection_closed(self, summary: ConnectionSummary) -> None:
         self._write(connection_line(summary, self.colour))

@@ -229,3 +229,26 @@ def test_slow_side_pushes_back_and_memory_stays_bounded(mode: str) -> None:
     assert proc.returncode == 0, err
     assert out.split() == ["ok", str(300 * 1024 * 1024)]
     assert peak < 150 * 1024, f"tapui peaked at {peak} KiB"
+
+
+def test_dns_queries_and_udp_exchanges_become_flows(udp_echo: servers.UdpEcho, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from engine.session_store import SessionStore
+
+    session = tmp_path / "s.tapui"
+    script = (
+        f"{PY} {client('netcheck.py')} resolve {HOST} && "
+        f"{PY} {client('netcheck.py')} udp {HOST} {udp_echo.port}"
+    )
+    result = run_tapui("--no-ui", "--save", str(session), "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert f"udp {HOST}:{udp_echo.port} sent 4 B received 9 B" in result.stderr
+    store = SessionStore(session)
+    try:
+        store.set_filter("~dns")
+        asked = sorted(store.view_flow(i).conn.hostname for i in range(store.view_len))
+        assert f"{HOST} A" in asked and f"{HOST} AAAA" in asked
+        store.set_filter("~udp")
+        udp = [store.view_flow(i) for i in range(store.view_len)]
+        assert [(f.bytes_sent, f.bytes_received) for f in udp] == [(4, 9)]
+    finally:
+        store.close()
