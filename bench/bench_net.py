@@ -5,17 +5,23 @@ latency) and a server on the host's loopback. Prints MB/s and the ratio tapui/di
 latency tapui adds per new connection.
 
     python bench/bench_net.py [--size-mib 1024] [--connections 500] [--only plain|https]
+                              [--mitmdump]
+
+--mitmdump also runs every case through mitmproxy's mitmdump as an explicit proxy, for
+comparison; it makes a Python 3.12 venv with mitmproxy under ~/.cache/tapui-bench on first use.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -56,6 +62,57 @@ def start_server(*extra: str, script: str = "loopback_server.py") -> tuple[subpr
     return server, port
 
 
+class Mitmdump:
+    """mitmdump as an explicit proxy on the loopback, trusting `upstream_ca` upstream."""
+
+    def __init__(self, workdir: str) -> None:
+        self.python = mitmproxy_python()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.ca = os.path.join(workdir, "mitm", "mitmproxy-ca-cert.pem")
+
+    def start(self, upstream_ca: str | None = None) -> None:
+        self.stop()
+        self.port = free_port()
+        cmd = [os.path.join(os.path.dirname(self.python), "mitmdump"), "-q",
+               "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
+               "--set", f"confdir={os.path.join(self.workdir, 'mitm')}"]
+        if upstream_ca:
+            cmd += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("mitmdump did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def mitmproxy_python() -> str:
+    """A Python 3.12 venv with mitmproxy (made on first use)."""
+    venv = Path.home() / ".cache" / "tapui-bench" / "mitmproxy-venv"
+    python = venv / "bin" / "python"
+    if not (venv / "bin" / "mitmdump").exists():
+        candidates = sorted(Path.home().glob(".pyenv/versions/3.1[2-9]*/bin/python3"))
+        found = shutil.which("python3.12")
+        if found and "/shims/" not in found:  # a pyenv shim may have no version behind it
+            candidates.insert(0, Path(found))
+        base = candidates[0] if candidates else None
+        if base is None:
+            raise SystemExit("--mitmdump needs python3.12 (mitmproxy needs Python 3.12+)")
+        subprocess.run([str(base), "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "mitmproxy"], check=True)
+    return str(python)
+
+
 def curl_speed(url: str, via_tapui: bool, upload: str | None = None, extra: tuple = ()) -> float:
     cmd = ["curl", "-4", "-s", "-o", "/dev/null", *extra]
     if upload:
@@ -67,14 +124,17 @@ def curl_speed(url: str, via_tapui: bool, upload: str | None = None, extra: tupl
 
 
 def latencies(
-    host: str, port: int, n: int, via_tapui: bool, ca_file: str | None = None
+    host: str, port: int, n: int, via_tapui: bool, ca_file: str | None = None,
+    proxy: Mitmdump | None = None,
 ) -> list[float]:
     cmd = [sys.executable, str(HERE / "latency_client.py"), host, str(port), str(n)]
     env = None
+    if proxy is not None:
+        cmd.append(f"proxy=127.0.0.1:{proxy.port}")
     if ca_file is not None:
         cmd.append("tls")
         if not via_tapui:  # through tapui the client trusts tapui's CA, set by tapui
-            env = dict(os.environ, SSL_CERT_FILE=ca_file)
+            env = dict(os.environ, SSL_CERT_FILE=proxy.ca if proxy is not None else ca_file)
     out = run(tapui(*cmd) if via_tapui else cmd, env)
     return [float(x) / 1000 for x in out.split()]  # ms
 
@@ -83,23 +143,28 @@ def percentile(values: list[float], p: float) -> float:
     return statistics.quantiles(values, n=100)[int(p) - 1]
 
 
-def report_throughput(name: str, direct: float, through: float, target: float) -> None:
+def report_throughput(
+    name: str, direct: float, through: float, target: float, who: str = "tapui"
+) -> None:
     ratio = through / direct
-    verdict = "meets" if ratio >= target else "BELOW"
-    print(f"{name:<28} direct {direct:8.0f} MB/s   tapui {through:8.0f} MB/s   "
-          f"ratio {ratio:4.2f}x  ({verdict} target {target}x)")
+    verdict = f"meets target {target}x" if ratio >= target else f"BELOW target {target}x"
+    print(f"{name:<28} direct {direct:8.0f} MB/s   {who} {through:8.0f} MB/s   "
+          f"ratio {ratio:4.2f}x  ({verdict if who == 'tapui' else 'for comparison'})")
 
 
-def report_latency(name: str, direct: list[float], through: list[float], target_ms: float) -> None:
+def report_latency(
+    name: str, direct: list[float], through: list[float], target_ms: float, who: str = "tapui"
+) -> None:
     p50 = percentile(through, 50) - percentile(direct, 50)
     p90 = percentile(through, 90) - percentile(direct, 90)
     verdict = "meets" if p50 <= target_ms else "ABOVE"
-    print(f"{name:<28} direct p50 {percentile(direct, 50):.3f} ms   tapui p50 "
+    verdict = f"{verdict} target {target_ms} ms" if who == "tapui" else "for comparison"
+    print(f"{name:<28} direct p50 {percentile(direct, 50):.3f} ms   {who} p50 "
           f"{percentile(through, 50):.3f} ms   added p50 {p50:.3f} ms, p90 {p90:.3f} ms  "
-          f"({verdict} target {target_ms} ms)")
+          f"({verdict})")
 
 
-def plain(args: argparse.Namespace, upload: str) -> None:
+def plain(args: argparse.Namespace, upload: str, mitm: Mitmdump | None) -> None:
     server, port = start_server()
     try:
         print(f"plain HTTP, {args.size_mib} MiB each way, {args.connections} new connections")
@@ -111,17 +176,24 @@ def plain(args: argparse.Namespace, upload: str) -> None:
         report_throughput(
             "upload", curl_speed(up, False, upload), curl_speed(up_t, True, upload), 0.5
         )
+        direct_lat = latencies("127.0.0.1", port, args.connections, False)
         report_latency(
-            "new connection + request",
-            latencies("127.0.0.1", port, args.connections, False),
-            latencies(GATEWAY, port, args.connections, True),
-            0.5,
+            "new connection + request", direct_lat,
+            latencies(GATEWAY, port, args.connections, True), 0.5,
         )
+        if mitm is not None:
+            mitm.start()
+            proxy = ("-x", f"http://127.0.0.1:{mitm.port}")
+            report_throughput("download", curl_speed(down, False), curl_speed(down, False, extra=proxy), 0.5, "mitmdump")
+            report_throughput("upload", curl_speed(up, False, upload), curl_speed(up, False, upload, proxy), 0.5, "mitmdump")
+            report_latency("new connection + request", direct_lat,
+                           latencies("127.0.0.1", port, args.connections, False, proxy=mitm), 0.5, "mitmdump")
+            mitm.stop()
     finally:
         stop(server)
 
 
-def https(args: argparse.Namespace, tmp: str) -> None:
+def https(args: argparse.Namespace, tmp: str, mitm: Mitmdump | None) -> None:
     import trustme  # the test extra
 
     ca = trustme.CA()
@@ -142,12 +214,26 @@ def https(args: argparse.Namespace, tmp: str) -> None:
             )
             through = curl_speed(f"https://{ALIAS}:{port}/{args.size_mib}", True, extra=(flag,))
             report_throughput(name, direct, through, 0.4)
+            if mitm is not None:
+                mitm.start(ca_file)
+                proxied = curl_speed(
+                    f"https://127.0.0.1:{port}/{args.size_mib}", False,
+                    extra=("-x", f"http://127.0.0.1:{mitm.port}", "--cacert", mitm.ca, flag),
+                )
+                report_throughput(name, direct, proxied, 0.4, "mitmdump")
+        direct_lat = latencies("127.0.0.1", h1_port, args.connections, False, ca_file)
         report_latency(
-            "new TLS connection + request",
-            latencies("127.0.0.1", h1_port, args.connections, False, ca_file),
-            latencies(ALIAS, h1_port, args.connections, True, ca_file),
-            3.0,
+            "new TLS connection + request", direct_lat,
+            latencies(ALIAS, h1_port, args.connections, True, ca_file), 3.0,
         )
+        if mitm is not None:
+            mitm.start(ca_file)
+            report_latency(
+                "new TLS connection + request", direct_lat,
+                latencies("127.0.0.1", h1_port, args.connections, False, ca_file, mitm), 3.0,
+                "mitmdump",
+            )
+            mitm.stop()
     finally:
         TAPUI_OPTIONS.clear()
         stop(h1)
@@ -164,18 +250,20 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--only", choices=["plain", "https"])
+    parser.add_argument("--mitmdump", action="store_true", help="also run through mitmdump")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        mitm = Mitmdump(tmp) if args.mitmdump else None
         if args.only in (None, "plain"):
             upload = os.path.join(tmp, "upload.bin")
             with open(upload, "wb") as f:
                 block = os.urandom(1 << 20)
                 for _ in range(args.size_mib):
                     f.write(block)
-            plain(args, upload)
+            plain(args, upload, mitm)
             os.unlink(upload)
         if args.only in (None, "https"):
-            https(args, tmp)
+            https(args, tmp, mitm)
 
 
 if __name__ == "__main__":
