@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,3 +133,28 @@ def udp_echo() -> Iterator[servers.UdpEcho]:
 def requires_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root on the host (CI runs as root)")
+
+
+def peak_rss_kib(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_measuring_peak_rss(command: list[str], **kwargs: object) -> tuple[subprocess.Popen, str, str, int]:
+    """Run `command` to its end, sampling its peak resident memory; (proc, out, err, KiB)."""
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, **kwargs,  # type: ignore[call-overload]
+    )
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, peak_rss_kib(proc.pid))
+        except OSError:
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    return proc, out, err, peak

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from tests import servers
-from tests.conftest import HOST, client, run_tapui, tapui_command
+from tests.conftest import HOST, client, run_measuring_peak_rss, run_tapui, tapui_command
 
 pytestmark = pytest.mark.usefixtures("sandbox")
 PY = sys.executable
@@ -200,31 +199,15 @@ class SlowServer(threading.Thread):
         self.join(10)
 
 
-def _peak_rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
 @pytest.mark.parametrize("mode", ["download", "upload"])
 def test_slow_side_pushes_back_and_memory_stays_bounded(mode: str) -> None:
     """300 MiB through a reader at ~25 MB/s: tapui buffers a few MiB, not the difference."""
     server = SlowServer()
     server.start()
-    proc = subprocess.Popen(
+    proc, out, err, peak = run_measuring_peak_rss(
         tapui_command("--no-ui", "-q", "--", PY, client("slowreader.py"), HOST, str(server.port),
-                      mode, "300"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                      mode, "300")
     )
-    peak = 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, _peak_rss_kib(proc.pid))
-        except OSError:
-            break
-        time.sleep(0.05)
-    out, err = proc.communicate()
     server.stop()
     assert proc.returncode == 0, err
     assert out.split() == ["ok", str(300 * 1024 * 1024)]

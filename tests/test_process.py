@@ -183,61 +183,39 @@ def shared_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_unprivileged_user_through_private_tun_node(shared_tmp: Path, http_port: int) -> None:
-    """As uid 65534, with a 0666 TUN node the test made (CI runs as root; mknod needs it)."""
-    requires_root()
-    tmp_path = shared_tmp
-    node = tmp_path / "tun"
-    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(10, 200))
-    os.chmod(node, 0o666)
-    home = tmp_path / "home"
+def run_as_nobody(directory: Path, tun_mode: int, *args: str) -> subprocess.CompletedProcess:
+    """`tapui ARGS` as uid 65534, with a TUN node of `tun_mode` made in `directory` (root can
+    mknod one; the node's mode is what decides whether the user may open it)."""
+    node = directory / "tun"
+    os.mknod(node, stat.S_IFCHR | tun_mode, os.makedev(10, 200))
+    os.chmod(node, tun_mode)
+    home = directory / "home"
     home.mkdir()
     os.chown(home, 65534, 65534)
     env = dict(os.environ, TAPUI_TUN_DEVICE=str(node), HOME=str(home), XDG_DATA_HOME=str(home),
                XDG_STATE_HOME=str(home))
     with traversable_interpreter():
-        proc = subprocess.run(
-            tapui_command("--no-ui", "--", "sh", "-c", f"id -u; curl -sS http://{HOST}:{http_port}/hello"),
-            capture_output=True, text=True, timeout=60, cwd="/", env=env, preexec_fn=_as_nobody,
-            stdin=subprocess.DEVNULL,
+        return subprocess.run(
+            tapui_command(*args), capture_output=True, text=True, timeout=60, cwd="/", env=env,
+            preexec_fn=_as_nobody, stdin=subprocess.DEVNULL,
         )
+
+
+def test_unprivileged_user_through_private_tun_node(shared_tmp: Path, http_port: int) -> None:
+    """As uid 65534, with a 0666 TUN node the test made (CI runs as root; mknod needs it)."""
+    requires_root()
+    script = f"id -u; curl -sS http://{HOST}:{http_port}/hello"
+    proc = run_as_nobody(shared_tmp, 0o666, "--no-ui", "--", "sh", "-c", script)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "65534\nhello from the host\n"
 
 
 def test_unprivileged_user_without_tun_access_explains_the_fix(shared_tmp: Path) -> None:
     requires_root()
-    tmp_path = shared_tmp
-    node = tmp_path / "tun"
-    os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(10, 200))
-    home = tmp_path / "home"
-    home.mkdir()
-    os.chown(home, 65534, 65534)
-    env = dict(os.environ, TAPUI_TUN_DEVICE=str(node), HOME=str(home), XDG_DATA_HOME=str(home),
-               XDG_STATE_HOME=str(home))
-    with traversable_interpreter():
-        proc = subprocess.run(
-            tapui_command("--no-ui", "--", "true"), capture_output=True, text=True, timeout=60,
-            cwd="/", env=env, preexec_fn=_as_nobody, stdin=subprocess.DEVNULL,
-        )
+    proc = run_as_nobody(shared_tmp, 0o600, "--no-ui", "--", "true")
     assert proc.returncode == EXIT_TUN, proc.stderr
-    assert f"chmod 0666 {node}" in proc.stderr
+    assert f"chmod 0666 {shared_tmp / 'tun'}" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def test_help_explains_options_with_examples() -> None:
-    result = run_tapui("--help")
-    assert result.returncode == 0
-    for option in ("--no-ui", "--har", "--jsonl", "--add-host", "--keep-running", "--insecure",
-                   "--upstream-ca", "--ignore-hosts", "--tun-device"):
-        assert option in result.stdout
-    assert "examples:" in result.stdout
-
-
-def test_bad_add_host_is_a_usage_error() -> None:
-    result = run_tapui("--no-ui", "--add-host", "nonsense", "--", "true")
-    assert result.returncode == 2
-    assert "NAME:IP" in result.stderr
 
 
 def test_unwritable_session_directory_is_a_clear_error(tmp_path: Path) -> None:
