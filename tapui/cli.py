@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "       tapui sessions\n       tapui ca [--pem FILE]",
         description=(
             "Run COMMAND in a rootless sandbox and show every HTTP and HTTPS exchange it makes. "
-            "Without COMMAND, runs your $SHELL in the sandbox."
+            "Without COMMAND, runs your $SHELL in the sandbox, with the terminal (as --no-ui)."
         ),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -225,6 +225,13 @@ def cmd_run(argv: list[str]) -> int:
         command = command[1:]
     if not command:
         command = [os.environ.get("SHELL") or "/bin/sh"]
+        if not args.no_ui:  # a shell needs the terminal, which the UI would take
+            args.no_ui = True
+            print(
+                f"tapui: no command given: running {command[0]} in the sandbox with the terminal; "
+                "exchanges are printed here, and the session saved (`tapui open` it later)",
+                file=sys.stderr,
+            )
     options = CaptureOptions(
         argv=command,
         tun_path=args.tun_device,

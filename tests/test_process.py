@@ -48,10 +48,11 @@ def test_not_executable_is_126(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("sandbox")
-def test_no_command_runs_users_shell() -> None:
+@pytest.mark.parametrize("args", [["--no-ui"], []], ids=["no-ui", "default"])
+def test_no_command_runs_users_shell_with_the_terminal(args: list[str]) -> None:
     env = dict(os.environ, SHELL="/bin/sh")
     proc = subprocess.run(
-        tapui_command("--no-ui"), input="echo from-the-shell; exit 3\n", capture_output=True,
+        tapui_command(*args), input="echo from-the-shell; exit 3\n", capture_output=True,
         text=True, env=env, cwd=ROOT, timeout=60,
     )
     assert proc.returncode == 3
