@@ -97,6 +97,7 @@ class ProcessFinder:
         self.netns_inode = netns_inode
         self._tree: list[int] = []  # the command's process tree as last walked
         self._commands: dict[int, str | None] = {}
+        self._last: tuple[int, str] | None = None  # (pid, fd) of the last socket found
         if diag is not None:
             diag.settimeout(0.5)
 
@@ -108,7 +109,9 @@ class ProcessFinder:
         if inode is None:
             return
         target = f"socket:[{inode}]"
-        pid = self._find(target, self._tree)  # the process of the last connection, usually
+        pid = self._last_fd_holds(target)  # clients tend to reuse the same fd number
+        if pid is None:
+            pid = self._find(target, self._tree)  # the process of the last connection, usually
         if pid is None:
             self._tree = descendants(self.sandbox_pid)
             pid = self._find(target, self._tree)
@@ -133,8 +136,16 @@ class ProcessFinder:
                 continue
         return pids
 
-    @staticmethod
-    def _find(target: str, pids: list[int]) -> int | None:
+    def _last_fd_holds(self, target: str) -> int | None:
+        if self._last is None:
+            return None
+        pid, fd = self._last
+        try:
+            return pid if os.readlink(f"/proc/{pid}/fd/{fd}") == target else None
+        except OSError:
+            return None
+
+    def _find(self, target: str, pids: list[int]) -> int | None:
         for pid in pids:
             try:
                 fds = os.listdir(f"/proc/{pid}/fd")
@@ -143,6 +154,7 @@ class ProcessFinder:
             for fd in fds:
                 try:
                     if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        self._last = (pid, fd)
                         return pid
                 except OSError:
                     continue
