@@ -150,14 +150,13 @@ class Capture:
             cwd=os.getcwd(),
             tun_path=self.options.tun_path,
             mounts=mounts,
-            stdin=None if interactive else (out if out is not None else None),
+            # With the UI the command's output goes to the pty and its stdin is closed.
+            stdin=os.open(os.devnull, os.O_RDONLY) if out is not None else None,
             stdout=out,
             stderr=out,
             own_process_group=interactive and self._foreground_tty() is not None,
             new_session=out is not None,
         )
-        if out is not None:
-            cfg.stdin = os.open(os.devnull, os.O_RDONLY)
         self.sandbox = Sandbox(cfg)
         try:
             self.tun_fd = self.sandbox.start()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from engine import procinfo, sniff, tls
 from engine.addresses import AddressPlan
 from engine.dns import DnsResolver
-from engine.flow import Connection, ConnectionSummary, FlowBus, next_connection_id
+from engine.flow import Connection, ConnectionSummary, FlowBus, Timings, next_connection_id
 from engine.observer import StreamObserver
 from engine.tcp import TcpConnection
 
@@ -189,6 +189,8 @@ class Relay:
         self.error: str | None = None
         self.connected: float | None = None
         self.tls_done: float | None = None
+        self.process_looked_up = False
+        self._app_handshake_done = False
 
     # ---- connecting -----------------------------------------------------------------------
 
@@ -264,14 +266,17 @@ class Relay:
         self.app.accept(AppSide(self))
 
     def _failed_connect(self, why: str) -> None:
+        self._record_failure(f"upstream {self.info.upstream[0]}:{self.info.upstream[1]}: {why}")  # type: ignore[index]
+
+    def _record_failure(self, why: str) -> None:
+        """The connection ends before any exchange: a raw flow with the error, and its line."""
         self.mode = "closed"
+        self.error = why
         self.proxy.relays.discard(self)
-        self.error = f"upstream {self.info.upstream[0]}:{self.info.upstream[1]}: {why}"  # type: ignore[index]
-        self.info.timings.start = self.started
         observer = sniff.make_observer(
-            "unknown", self.info, self.proxy.bus, "tcp", 0, self.info.timings
+            "unknown", self.info, self.proxy.bus, "tcp", 0, self._connection_timings()
         )
-        observer.close(self.error)
+        observer.close(why)
         self._summarise()
 
     def _summarise(self) -> None:
@@ -284,11 +289,15 @@ class Relay:
     # ---- deciding what the connection carries ----------------------------------------------
 
     def _start_observer(self, kind: str, scheme: str) -> None:
-        t = self.info.timings  # the observer copies them into the connection's first flow
-        t.start, t.dns, t.connect, t.tls = self.started, self.dns_time, self.connected, self.tls_done
         self.observer = sniff.make_observer(
-            kind, self.info, self.proxy.bus, scheme, self.proxy.options.body_cap, t
+            kind, self.info, self.proxy.bus, scheme, self.proxy.options.body_cap,
+            self._connection_timings(),  # copied into the connection's first flow
         )
+
+    def _connection_timings(self) -> Timings:
+        t = self.info.timings
+        t.start, t.dns, t.connect, t.tls = self.started, self.dns_time, self.connected, self.tls_done
+        return t
 
     def _find_process(self) -> None:
         """Which process made the connection: done once the first bytes are on their way,
@@ -296,8 +305,6 @@ class Relay:
         self.process_looked_up = True
         if self.proxy.processes is not None:
             self.proxy.processes.lookup(self.info)
-
-    process_looked_up = False
 
     def from_app(self, data: bytes) -> None:
         self.sent += len(data)
@@ -407,12 +414,7 @@ class Relay:
         self._tls_from_app(data)
 
     def _tls_failed(self, why: str) -> None:
-        self.mode = "closed"
-        self.error = why
-        self.proxy.relays.discard(self)
-        self._summarise()
-        observer = sniff.make_observer("unknown", self.info, self.proxy.bus, "tls", 0)
-        observer.close(why)
+        self._record_failure(why)
         if self.app.state != "CLOSED":
             self.app.write(TLS_ALERT_HANDSHAKE_FAILURE)
             self.app.write_eof()
@@ -454,8 +456,6 @@ class Relay:
                 self.upstream.close()
             return
         self._flush_tls()
-
-    _app_handshake_done = False
 
     def _flush_tls(self) -> None:
         out = self.tls_out

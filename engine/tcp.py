@@ -218,10 +218,8 @@ class TcpConnection:
         self._send_synack()
 
     def _send_synack(self) -> None:
-        mss = 65535 - 40 if len(self.src) == 4 else 65535 - 60
-        mss = min(mss, 65520 - (40 if len(self.src) == 4 else 60))
-        options = mss.to_bytes(2, "big")
-        options = b"\x02\x04" + options
+        mss = 65520 - (40 if len(self.src) == 4 else 60)  # the TUN's MTU less IP and TCP
+        options = b"\x02\x04" + mss.to_bytes(2, "big")
         if self.wscale_ok:
             options += b"\x01\x03\x03" + bytes([self.our_wscale])
         self.last_window_sent = min(RCV_BUF, 0xFFFF)
