@@ -174,6 +174,12 @@ class Timings:
     first_byte: float | None = None  # first response byte from the server
     done: float | None = None
 
+    def copy(self) -> Timings:
+        return Timings(
+            self.start, self.dns, self.connect, self.tls, self.request_sent, self.first_byte,
+            self.done,
+        )
+
 
 @dataclass
 class Certificate:

@@ -1,20 +1,25 @@
-"""Passive HTTP/1.x decoding of a relayed connection, with h11.
+"""Passive HTTP/1.x decoding of a relayed connection, with h11's parser.
 
-Two h11 connections mirror the conversation: `_req` plays the server and reads the client's
-bytes, `_resp` plays the client and reads the server's bytes. `_resp` is told each request
-(method, Host, Connection, Upgrade) so it frames responses as the real client does (HEAD, 1xx,
-CONNECT, Upgrade, keep-alive). `_req` is told a stand-in response as soon as a request ends so
-it can parse pipelined requests ahead; only upgrade requests wait for the real answer.
+h11's `Connection` is a state machine for one endpoint: mirroring both ends of a conversation
+with two of them costs about 250 µs per exchange (ten state-machine events, plus stand-in
+messages sent only to keep the two in step), more than the rest of a relayed connection. So
+the observer drives h11's wire-level readers itself: `maybe_read_from_IDLE_client` and
+`maybe_read_from_SEND_RESPONSE_server` parse and validate each head into h11 events, and
+h11's body readers frame bodies (chunked, Content-Length, until close). The framing rules
+that depend on both sides (HEAD, 1xx, 204/304, CONNECT, Upgrade) are the short ones below.
+These are h11's private modules: the `h11` version is pinned in pyproject.toml and the
+decoder tests cover each case.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import deque
+from typing import Any
 
 import h11
 from h11 import _readers as h11_readers
+from h11._receivebuffer import ReceiveBuffer
 
 from engine.flow import (
     DEFAULT_BODY_CAP,
@@ -37,6 +42,10 @@ from engine.websocket import FrameParser, WebSocketError, permessage_deflate
 UPDATE_INTERVAL = 0.1
 _MAX_HEADERS = 1024 * 1024
 
+read_request_head = h11_readers.maybe_read_from_IDLE_client
+read_response_head = h11_readers.maybe_read_from_SEND_RESPONSE_server
+BodyReader = Any  # one of h11's ContentLengthReader, ChunkedReader, Http10Reader
+
 
 def text(value: bytes) -> str:
     """Header bytes as str: UTF-8 when valid, else Latin-1 (lossless)."""
@@ -50,42 +59,65 @@ def h11_headers(headers: h11._headers.Headers) -> Headers:
     return [(text(name), text(value)) for name, value in headers.raw_items()]
 
 
-def skippable_body(conn: h11.Connection, available: int) -> int:
-    """How many of the next `available` bytes are body bytes that may bypass h11.
+class _Framing:
+    """The headers that frame a message, read in one pass over h11's header list."""
 
-    h11 copies every byte through its receive buffer (about 0.5 GB/s). When it is in the middle
-    of a body and has nothing buffered, the body's bytes are taken directly and its reader's
-    count moved on by the same amount; the last byte of each chunk or message still goes
-    through h11, so it ends messages and validates framing itself. This reads h11's private
-    reader state: any surprise there turns the fast path off (`_FAST_BODY`).
+    __slots__ = ("chunked", "length", "upgrade")
+
+    def __init__(self, event: h11.Request | h11.Response) -> None:
+        self.chunked = False  # h11 accepts no Transfer-Encoding but "chunked"
+        self.length: int | None = None  # h11 checked it is one non-negative number
+        self.upgrade = False
+        for _, name, value in event.headers._full_items:
+            if name == b"transfer-encoding":
+                self.chunked = True
+            elif name == b"content-length":
+                self.length = int(value)
+            elif name == b"upgrade":
+                self.upgrade = True
+
+
+def response_body_reader(event: h11.Response, request_method: bytes) -> BodyReader:
+    """h11's reader for the body that follows response `event` (RFC 9112 section 6.3)."""
+    if (
+        event.status_code in (204, 304)
+        or request_method == b"HEAD"
+        or (request_method == b"CONNECT" and 200 <= event.status_code < 300)
+    ):
+        return h11_readers.ContentLengthReader(0)
+    framing = _Framing(event)
+    if framing.chunked:
+        return h11_readers.ChunkedReader()
+    if framing.length is not None:
+        return h11_readers.ContentLengthReader(framing.length)
+    return h11_readers.Http10Reader()
+
+
+def bypass(reader: BodyReader, buffered: int, available: int) -> int:
+    """How many of the next `available` body bytes can skip h11's receive buffer.
+
+    h11's readers copy every byte through their buffer (about 0.5 GB/s). In the middle of a
+    body with nothing buffered, bytes are taken directly and the reader's count moved on by
+    the same amount; the last byte of each chunk or message still goes through the reader,
+    so it ends messages and checks chunk framing itself.
     """
-    global _FAST_BODY
-    if not _FAST_BODY or conn.their_state is not h11.SEND_BODY:
+    if buffered:
         return 0
-    try:
-        if len(conn._receive_buffer):
-            return 0
-        reader = conn._reader
-        kind = type(reader)
-        if kind is h11_readers.ContentLengthReader:
-            n = min(available, reader._remaining - 1)
+    kind = type(reader)
+    if kind is h11_readers.ContentLengthReader:
+        n = min(available, reader._remaining - 1)
+        if n > 0:
+            reader._remaining -= n
+            return n
+    elif kind is h11_readers.ChunkedReader:
+        if not reader._reading_trailer and not reader._bytes_to_discard:
+            n = min(available, reader._bytes_in_chunk - 1)
             if n > 0:
-                reader._remaining -= n
+                reader._bytes_in_chunk -= n
                 return n
-        elif kind is h11_readers.ChunkedReader:
-            if not reader._reading_trailer and not reader._bytes_to_discard:
-                n = min(available, reader._bytes_in_chunk - 1)
-                if n > 0:
-                    reader._bytes_in_chunk -= n
-                    return n
-        elif kind is h11_readers.Http10Reader:
-            return available
-    except AttributeError:
-        _FAST_BODY = False
+    elif kind is h11_readers.Http10Reader:
+        return available
     return 0
-
-
-_FAST_BODY = True
 
 
 def format_authority(address: tuple[str, int], scheme: str) -> str:
@@ -101,28 +133,27 @@ def new_flow(conn: Connection, base: Timings | None) -> Flow:
     """A flow on `conn`; the first flow of a connection inherits its dns/connect/tls timings."""
     flow = Flow(conn=conn)
     if base is not None:
-        flow.timings = dataclasses.replace(base)
+        flow.timings = base.copy()
     return flow
 
 
 class _Exchange:
-    __slots__ = ("flow", "request_event", "ended", "sent", "upgrade", "last_update")
+    __slots__ = ("flow", "method", "upgrade", "last_update")
 
-    def __init__(self, flow: Flow, request_event: h11.Request) -> None:
+    def __init__(self, flow: Flow, method: bytes, upgrade: bool) -> None:
         self.flow = flow
-        self.request_event = request_event
-        self.ended = False  # the client finished the request
-        self.sent = False  # `_resp` was told about the request
-        self.upgrade = _has_upgrade(request_event)  # CONNECT or Upgrade: may switch protocols
-        self.last_update = 0.0
-
-
-def _has_upgrade(event: h11.Request) -> bool:
-    return event.method == b"CONNECT" or any(name == b"upgrade" for name, _ in event.headers)
+        self.method = method
+        self.upgrade = upgrade  # CONNECT or Upgrade: the protocol may switch after the response
+        self.last_update = time.monotonic()
 
 
 class Http1Observer:
-    """StreamObserver decoding HTTP/1.x exchanges (and WebSocket after an Upgrade) into flows."""
+    """StreamObserver decoding HTTP/1.x exchanges (and WebSocket after an Upgrade) into flows.
+
+    Requests are read ahead of responses (pipelining); each response is framed by the request
+    at the head of `_queue`. After a request that may switch protocols (Upgrade, CONNECT) the
+    client's bytes wait in their buffer for the server's verdict.
+    """
 
     def __init__(
         self,
@@ -137,10 +168,13 @@ class Http1Observer:
         self.scheme = scheme
         self.body_cap = body_cap
         self._base_timings = timings
-        self._req = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADERS)
-        self._resp = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADERS)
+        self._client_buf = ReceiveBuffer()
+        self._server_buf = ReceiveBuffer()
+        self._request_body: BodyReader | None = None  # None: the next request head is due
+        self._response_body: BodyReader | None = None  # None: the next response head is due
         self._parsing: _Exchange | None = None  # request being read from the client
         self._queue: deque[_Exchange] = deque()  # requests waiting for (or reading) a response
+        self._awaiting_switch = False  # an Upgrade/CONNECT request ended; its answer is due
         self._dead = False  # decoding stopped (error, or a non-WebSocket protocol switch)
         self._ws_flow: Flow | None = None
         self._ws_client: FrameParser | None = None
@@ -157,13 +191,15 @@ class Http1Observer:
             if self._ws_client is not None:
                 self._ws_client.feed(data)
                 return
-            skip = skippable_body(self._req, len(data))
-            if skip and self._parsing is not None:
-                self._parsing.flow.request.body.append(data[:skip])  # type: ignore[union-attr]
-                if skip == len(data):
-                    return
-                data = data[skip:]
-            self._req.receive_data(data)
+            reader = self._request_body
+            if reader is not None and not self._awaiting_switch:
+                skip = bypass(reader, len(self._client_buf), len(data))
+                if skip:
+                    self._parsing.flow.request.body.append(data[:skip])  # type: ignore[union-attr]
+                    if skip == len(data):
+                        return
+                    data = data[skip:]
+            self._client_buf += data
             self._pump_requests()
         except Exception as exc:  # noqa: BLE001 - a decoder must never break the relay
             self._fail(exc)
@@ -175,31 +211,26 @@ class Http1Observer:
             if self._ws_server is not None:
                 self._ws_server.feed(data)
                 return
-            skip = skippable_body(self._resp, len(data))
-            if skip and self._queue and self._queue[0].flow.response is not None:
-                self._response_body(self._queue[0], data[:skip])
-                if skip == len(data):
-                    return
-                data = data[skip:]
-            self._resp.receive_data(data)
+            reader = self._response_body
+            if reader is not None:
+                skip = bypass(reader, len(self._server_buf), len(data))
+                if skip:
+                    self._body_progress(self._queue[0], data[:skip])
+                    if skip == len(data):
+                        return
+                    data = data[skip:]
+            self._server_buf += data
             self._pump_responses()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
-
-    def _response_body(self, ex: _Exchange, data: bytes) -> None:
-        flow = ex.flow
-        flow.response.body.append(data)  # type: ignore[union-attr]
-        now = time.monotonic()
-        if now - ex.last_update >= UPDATE_INTERVAL:
-            ex.last_update = now
-            self.bus.update(flow)
 
     def client_eof(self) -> None:
         if self._dead or self._ws_client is not None:
             return
         try:
-            self._req.receive_data(b"")
             self._pump_requests()
+            if self._request_body is not None and not self._awaiting_switch:
+                self._request_body.read_eof()  # raises: the request body is incomplete
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -210,8 +241,11 @@ class Http1Observer:
         if self._dead or self._ws_server is not None:
             return
         try:
-            self._resp.receive_data(b"")
             self._pump_responses()
+            reader = self._response_body
+            if reader is not None:
+                reader.read_eof()  # raises, unless the body is delimited by the close
+                self._response_end(h11.EndOfMessage())
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -230,19 +264,27 @@ class Http1Observer:
     # -- requests -----------------------------------------------------------------------------
 
     def _pump_requests(self) -> None:
-        while not self._dead and self._ws_client is None:
-            event = self._req.next_event()
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
+        buf = self._client_buf
+        while not self._dead and not self._awaiting_switch and self._ws_client is None:
+            reader = self._request_body
+            if reader is None:
+                if not buf:
+                    return
+                event = read_request_head(buf)
+                if event is None:
+                    if len(buf) > _MAX_HEADERS:
+                        raise h11.RemoteProtocolError("request head too large")
+                    return
                 self._on_request(event)
-            elif isinstance(event, h11.Data):
-                if self._parsing is not None:
-                    self._parsing.flow.request.body.append(event.data)  # type: ignore[union-attr]
-            elif isinstance(event, h11.EndOfMessage):
-                self._on_request_end(event)
-            elif isinstance(event, h11.ConnectionClosed):
+                continue
+            event = reader(buf)
+            if event is None:
                 return
+            if type(event) is h11.Data:
+                self._parsing.flow.request.body.append(event.data)  # type: ignore[union-attr]
+            else:
+                self._request_body = None
+                self._on_request_end(event)
 
     def _on_request(self, event: h11.Request) -> None:
         headers = h11_headers(event.headers)
@@ -259,91 +301,72 @@ class Http1Observer:
             body=Body(self.body_cap),
         )
         flow.state = FlowState.REQUEST
-        ex = _Exchange(flow, event)
-        ex.last_update = time.monotonic()
+        framing = _Framing(event)
+        if framing.chunked:
+            self._request_body = h11_readers.ChunkedReader()
+        else:
+            self._request_body = h11_readers.ContentLengthReader(framing.length or 0)
+        ex = _Exchange(flow, event.method, framing.upgrade or event.method == b"CONNECT")
         self._parsing = ex
         self._queue.append(ex)
         self.bus.new(flow)
-        self._advance_resp()
 
     def _on_request_end(self, event: h11.EndOfMessage) -> None:
         ex = self._parsing
         self._parsing = None
         if ex is None:
             return
-        ex.ended = True
-        assert ex.flow.request is not None
+        request = ex.flow.request
+        assert request is not None
         if event.headers:
-            ex.flow.request.trailers = h11_headers(event.headers)
+            request.trailers = h11_headers(event.headers)
         ex.flow.timings.request_sent = time.time()
-        if ex.sent and self._resp.our_state is h11.SEND_BODY:
-            self._resp.send(h11.EndOfMessage())
-            self._advance_resp()
-            self._pump_responses()
-        if self._req.their_state is h11.MIGHT_SWITCH_PROTOCOL:
-            return  # wait for the server's verdict on the Upgrade/CONNECT
-        self._answer_req(200)
-
-    def _answer_req(self, status: int) -> None:
-        """Tell `_req` a (stand-in) final response so it reads the next request."""
-        self._req.send(h11.Response(status_code=status, headers=[(b"content-length", b"0")]))
-        self._req.send(h11.EndOfMessage())
-        self._req = _next_cycle(self._req, h11.SERVER)
+        if ex.upgrade and not ex.flow.finished and ex.flow.response is None:
+            self._awaiting_switch = True  # the server's answer tells what follows
 
     # -- responses ----------------------------------------------------------------------------
 
-    def _advance_resp(self) -> None:
-        """Move `_resp` on to the next queued request once the current exchange is over."""
-        resp = self._resp
-        if resp.our_state in (h11.DONE, h11.MUST_CLOSE) and resp.their_state in (
-            h11.DONE,
-            h11.MUST_CLOSE,
-        ):
-            self._resp = resp = _next_cycle(resp, h11.CLIENT)
-        if resp.our_state is h11.IDLE and self._queue and not self._queue[0].sent:
-            ex = self._queue[0]
-            resp.send(_stand_in_request(ex.request_event))
-            ex.sent = True
-            if ex.ended:
-                resp.send(h11.EndOfMessage())
-
     def _pump_responses(self) -> None:
+        buf = self._server_buf
         while not self._dead and self._ws_server is None:
-            event = self._resp.next_event()
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            ex = self._queue[0] if self._queue else None
-            if ex is None:
-                raise h11.RemoteProtocolError("response without a request")
-            flow = ex.flow
-            if isinstance(event, h11.InformationalResponse):
-                if flow.timings.first_byte is None:
-                    flow.timings.first_byte = time.time()
-                if event.status_code == 101:
-                    self._on_switch(ex, event)
+            reader = self._response_body
+            if reader is None:
+                if not buf:
                     return
-            elif isinstance(event, h11.Response):
+                event = read_response_head(buf)
+                if event is None:
+                    if len(buf) > _MAX_HEADERS:
+                        raise h11.RemoteProtocolError("response head too large")
+                    return
+                if not self._queue:
+                    raise h11.RemoteProtocolError("response without a request")
+                ex = self._queue[0]
+                if ex.flow.timings.first_byte is None:
+                    ex.flow.timings.first_byte = time.time()
+                if type(event) is h11.InformationalResponse:
+                    if event.status_code == 101:
+                        self._on_switch(ex, event)
+                        return
+                    continue  # 100 Continue, 103 Early Hints: the final response follows
                 self._on_response(ex, event)
-                if self._resp.our_state is h11.SWITCHED_PROTOCOL:  # CONNECT accepted
-                    self._on_switch(ex, event)
+                if ex.method == b"CONNECT" and 200 <= event.status_code < 300:
+                    self._on_switch(ex, event)  # a tunnel: not decoded
                     return
-            elif isinstance(event, h11.Data):
-                assert flow.response is not None
-                self._response_body(ex, event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                assert flow.response is not None
-                if event.headers:
-                    flow.response.trailers = h11_headers(event.headers)
-                self._queue.popleft()
-                self.bus.done(flow)
-                self._advance_resp()
-            elif isinstance(event, h11.ConnectionClosed):
+                self._response_body = response_body_reader(event, ex.method)
+                if ex.upgrade and self._awaiting_switch:
+                    self._awaiting_switch = False  # upgrade refused: back to HTTP
+                    self._pump_requests()
+                continue
+            event = reader(buf)
+            if event is None:
                 return
+            if type(event) is h11.Data:
+                self._body_progress(self._queue[0], event.data)
+            else:
+                self._response_end(event)
 
     def _on_response(self, ex: _Exchange, event: h11.Response) -> None:
         flow = ex.flow
-        if flow.timings.first_byte is None:
-            flow.timings.first_byte = time.time()
         flow.response = Response(
             status=event.status_code,
             reason=text(event.reason),
@@ -354,24 +377,30 @@ class Http1Observer:
         flow.state = FlowState.RESPONSE
         ex.last_update = time.monotonic()
         self.bus.update(flow)
-        if ex.upgrade and self._req.their_state is h11.MIGHT_SWITCH_PROTOCOL:
-            if self._resp.our_state is not h11.SWITCHED_PROTOCOL:
-                self._answer_req(event.status_code)  # upgrade refused: back to HTTP
-                self._pump_requests()
+
+    def _body_progress(self, ex: _Exchange, data: bytes) -> None:
+        flow = ex.flow
+        flow.response.body.append(data)  # type: ignore[union-attr]
+        now = time.monotonic()
+        if now - ex.last_update >= UPDATE_INTERVAL:
+            ex.last_update = now
+            self.bus.update(flow)
+
+    def _response_end(self, event: h11.EndOfMessage) -> None:
+        self._response_body = None
+        flow = self._queue.popleft().flow
+        assert flow.response is not None
+        if event.headers:
+            flow.response.trailers = h11_headers(event.headers)
+        self.bus.done(flow)
 
     def _on_switch(self, ex: _Exchange, event: h11.InformationalResponse | h11.Response) -> None:
         """The connection leaves HTTP/1 (101 Switching Protocols, or CONNECT accepted)."""
         flow = ex.flow
         self._queue.popleft()
         if flow.response is None:
-            flow.response = Response(
-                status=event.status_code,
-                reason=text(event.reason),
-                http_version=f"HTTP/{event.http_version.decode()}",
-                headers=h11_headers(event.headers),
-                body=Body(self.body_cap),
-            )
-            flow.state = FlowState.RESPONSE
+            self._on_response(ex, event)  # type: ignore[arg-type]
+        assert flow.response is not None
         upgrade = (header(flow.response.headers, "upgrade") or "").lower()
         if event.status_code != 101 or "websocket" not in upgrade:
             self._dead = True  # h2c, TLS upgrades, tunnels: not decoded
@@ -383,12 +412,12 @@ class Http1Observer:
         self._ws_client = FrameParser(self._ws_message(True), deflate, self.body_cap)
         self._ws_server = FrameParser(self._ws_message(False), deflate, self.body_cap)
         self.bus.update(flow)
-        client_rest = self._req.trailing_data[0]
-        server_rest = self._resp.trailing_data[0]
+        client_rest = self._client_buf.maybe_extract_at_most(len(self._client_buf))
+        server_rest = self._server_buf.maybe_extract_at_most(len(self._server_buf))
         if client_rest:
-            self._ws_client.feed(client_rest)
+            self._ws_client.feed(bytes(client_rest))
         if server_rest:
-            self._ws_server.feed(server_rest)
+            self._ws_server.feed(bytes(server_rest))
 
     def _ws_message(self, from_client: bool):  # noqa: ANN202
         def on_message(opcode: int, payload: bytes, timestamp: float) -> None:
@@ -423,37 +452,3 @@ class Http1Observer:
         for flow in flows:
             self.bus.done(flow, error=message)
 
-
-def _stand_in_request(event: h11.Request) -> h11.Request:
-    """What `_resp` needs to know about a request: method, target, Host, Connection, Upgrade."""
-    headers: list[tuple[bytes, bytes]] = []
-    host = b"unknown"
-    connection = b""
-    for name, value in event.headers:
-        if name == b"host":
-            host = value
-        elif name == b"connection":
-            connection += b"," + value if connection else value
-        elif name == b"upgrade":
-            headers.append((name, value))
-    if event.http_version == b"1.0" and b"keep-alive" not in connection.lower():
-        connection = connection + b",close" if connection else b"close"
-    if connection:
-        headers.append((b"connection", connection))
-    headers.insert(0, (b"host", host))
-    return h11.Request(method=event.method, target=event.target, headers=headers)
-
-
-def _next_cycle(conn: h11.Connection, role: type[h11._util.Sentinel]) -> h11.Connection:
-    """Start the next request/response cycle; a connection h11 would close gets a fresh
-    parser (HTTP/1.0 keep-alive, or bytes after Connection: close)."""
-    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-        conn.start_next_cycle()
-        return conn
-    rest, closed = conn.trailing_data
-    fresh = h11.Connection(role, max_incomplete_event_size=_MAX_HEADERS)
-    if rest:
-        fresh.receive_data(rest)
-    if closed:
-        fresh.receive_data(b"")
-    return fresh

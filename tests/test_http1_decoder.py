@@ -422,6 +422,53 @@ def test_refused_upgrade_continues_http() -> None:
     assert all(f.state is FlowState.DONE for f in flows)
 
 
+
+def test_204_and_304_have_no_body_whatever_their_headers_say() -> None:
+    req = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+    no_content = b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"
+    not_modified = b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    flows = decode([("c", req * 3), ("s", no_content + not_modified + ok)]).flows
+    assert [(f.response.status, f.response.body.read()) for f in flows] == [
+        (204, b""), (304, b""), (200, b"ok"),
+    ]
+    assert all(f.state is FlowState.DONE for f in flows)
+
+
+def test_early_hints_then_final_response() -> None:
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    (flow,) = decode([("c", req), ("s", hints), ("s", final)]).flows
+    assert flow.state is FlowState.DONE
+    assert (flow.response.status, flow.response.body.read()) == (200, b"ok")
+
+
+def test_accepted_connect_becomes_an_undecoded_tunnel() -> None:
+    req = b"CONNECT db.test:5432 HTTP/1.1\r\nHost: db.test:5432\r\n\r\n"
+    ok = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    c = decode([("c", req), ("s", ok), ("c", b"\x00\x01 tunnelled bytes"), ("s", b"\xff\xfe")])
+    (flow,) = c.flows
+    assert flow.state is FlowState.DONE and flow.response.status == 200
+    assert flow.request.method == "CONNECT"
+
+
+def test_client_closing_mid_request_body_marks_the_flow() -> None:
+    req = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"
+    (flow,) = decode([("c", req), ("c", b"")]).flows
+    assert flow.state is FlowState.ERROR
+    assert flow.request.body.read() == b"abc"
+
+
+def test_a_response_nobody_asked_for_stops_decoding_without_raising() -> None:
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    c = decode([("c", req), ("s", ok + ok), ("c", req)])
+    first, *rest = c.flows
+    assert first.state is FlowState.DONE and c.kinds(first).count(EventKind.DONE) == 1
+    assert rest == []  # the decoder stopped at the unrequested response
+
+
 # -- WebSocket ------------------------------------------------------------------------------
 
 
