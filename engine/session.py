@@ -693,18 +693,16 @@ class SessionWriter:
             except queue.Empty:
                 self._guarded(lambda: db.index_pending())
                 continue
+            if first is not _STOP and not isinstance(first, threading.Event) and (
+                    self._queue.qsize() < self.rows):
+                # Sleep rather than wait on the queue: a wake-up per event would take the GIL
+                # from the engine's thread three times per flow.
+                time.sleep(self.interval)
             batch = [first]
-            deadline = time.monotonic() + self.interval
-            while len(batch) < self.rows and first is not _STOP:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+            while len(batch) < self.rows and batch[-1] is not _STOP:
                 try:
-                    item = self._queue.get(timeout=remaining)
+                    batch.append(self._queue.get_nowait())
                 except queue.Empty:
-                    break
-                batch.append(item)
-                if item is _STOP or isinstance(item, threading.Event):
                     break
             stop = any(item is _STOP for item in batch)
             latest: dict[int, tuple[Flow, bool]] = {}
