@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
 
@@ -108,6 +109,15 @@ class DnsResolver:
 
 def describe_dns(query: bytes, answer: bytes | None) -> tuple[str | None, str | None]:
     """(what was asked, e.g. "example.test AAAA"; an error when the answer was not NOERROR)."""
+    # The message ID (the first two bytes) changes nothing here; without it, repeated
+    # questions hit the cache instead of two dnspython parses (~0.25 ms).
+    return _describe(query[2:], None if answer is None else answer[2:])
+
+
+@functools.lru_cache(maxsize=1024)
+def _describe(query_tail: bytes, answer_tail: bytes | None) -> tuple[str | None, str | None]:
+    query = b"\0\0" + query_tail
+    answer = None if answer_tail is None else b"\0\0" + answer_tail
     try:
         request = dns.message.from_wire(query)
         question = request.question[0]

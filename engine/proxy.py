@@ -26,6 +26,7 @@ from engine.dns import DnsResolver
 from engine.flow import Connection, ConnectionSummary, FlowBus, Timings, next_connection_id
 from engine.observer import StreamObserver
 from engine.tcp import TcpConnection
+from engine.tls_endpoint import TlsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ UPSTREAM_HIGH_WATER = 2 * 1024 * 1024
 UPSTREAM_LOW_WATER = 512 * 1024
 #: Bytes read from an upstream socket at once (asyncio reads 256 KiB by default).
 READ_SIZE = 1024 * 1024
-TLS_READ = 256 * 1024
 # A fatal TLS alert (handshake_failure), sent to the app when the upstream handshake fails.
 TLS_ALERT_HANDSHAKE_FAILURE = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40])
 
@@ -132,7 +132,7 @@ class AppSide:
 
 
 class UpstreamSide(asyncio.Protocol):
-    """The asyncio protocol of the host-side socket (plain, or TLS after start_tls)."""
+    """The asyncio protocol of the host-side socket (TLS, when intercepted, is done by the relay)."""
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -142,7 +142,7 @@ class UpstreamSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.relay.upstream_eof()
-        return self.relay.mode != "tls"  # keep our write side open (half-close); TLS can't
+        return True  # keep our write side open (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.upstream_lost(exc)
@@ -163,9 +163,10 @@ class Relay:
         self.observer: StreamObserver | None = None
         self.mode = "sniff"  # sniff -> plain | tls-handshake -> tls | closed
         self.pending = bytearray()  # app bytes held while sniffing or handshaking
-        self.tls_app: ssl.SSLObject | None = None
-        self.tls_in: ssl.MemoryBIO | None = None
-        self.tls_out: ssl.MemoryBIO | None = None
+        self.tls_up: TlsEndpoint | None = None  # tapui as the client of the upstream
+        self.tls_app: TlsEndpoint | None = None  # tapui as the app's server
+        self.hello: tls.ClientHello | None = None
+        self.upstream_close_sent = False
         self.early_upstream: list[bytes] = []  # server bytes that came before the app's handshake
         self.upstream_tls: tuple[ssl.SSLContext, str] | None = None  # for session resumption
         self.app_eof_seen = False
@@ -190,7 +191,6 @@ class Relay:
         self.connected: float | None = None
         self.tls_done: float | None = None
         self.process_looked_up = False
-        self._app_handshake_done = False
 
     # ---- connecting -----------------------------------------------------------------------
 
@@ -321,7 +321,10 @@ class Relay:
 
     def _to_upstream(self, data: bytes) -> None:
         # Forward first, decode after: the decoder's time is then off the request's path.
-        if self.upstream is not None and not self.upstream.is_closing():
+        if self.tls_up is not None:
+            self.tls_up.write(data)
+            self._upstream_send(self.tls_up.output())
+        elif self.upstream is not None and not self.upstream.is_closing():
             self.upstream.write(data)
         if not self.process_looked_up:
             self._find_process()
@@ -356,8 +359,7 @@ class Relay:
                 if self.proxy.ignored(name):
                     self._go_plain("unknown", "tcp")
                     return
-                self.mode = "tls-handshake"
-                self.proxy.loop.create_task(self._intercept(hello))
+                self._start_upstream_tls(hello)
                 return
         if kind == "tls":
             kind = "unknown"
@@ -374,25 +376,43 @@ class Relay:
 
     # ---- TLS interception -------------------------------------------------------------------
 
-    async def _intercept(self, hello: tls.ClientHello) -> None:
-        assert self.proxy.ca is not None and self.upstream is not None
+    def _start_upstream_tls(self, hello: tls.ClientHello) -> None:
+        """Begin the upstream handshake, offering the app's ALPN list; the app waits."""
         opts = self.proxy.options
         server_name = hello.sni or self.info.upstream[0]  # type: ignore[index]
+        self.hello = hello
+        self.mode = "tls-handshake"
         try:
             ctx = tls.upstream_context(hello.alpn, opts.insecure, opts.upstream_ca)
-            self.upstream_tls = (ctx, server_name)
-            transport = await self.proxy.loop.start_tls(
-                self.upstream, self.protocol, ctx, server_hostname=server_name
-            )
-        except (ssl.SSLError, OSError, ConnectionError) as exc:
+            self.tls_up = TlsEndpoint(ctx, server_side=False, server_hostname=server_name)
+        except (ssl.SSLError, ValueError) as exc:
+            self._tls_failed(f"upstream TLS setup failed: {_ssl_reason(exc)}")
+            return
+        self.upstream_tls = (ctx, server_name)
+        self._upstream_handshake()
+
+    def _upstream_send(self, data: bytes) -> None:
+        if data and self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.write(data)
+
+    def _upstream_handshake(self) -> None:
+        up = self.tls_up
+        assert up is not None
+        try:
+            done = up.handshake()
+        except ssl.SSLError as exc:
+            self._upstream_send(up.output())  # the alert that tells the server why
             self._tls_failed(f"upstream TLS handshake failed: {_ssl_reason(exc)}")
             return
-        if transport is None or self.mode == "closed":
-            return
-        self.upstream = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=UPSTREAM_HIGH_WATER, low=UPSTREAM_LOW_WATER)
+        self._upstream_send(up.output())
+        if done:
+            self._upstream_tls_ready()
+
+    def _upstream_tls_ready(self) -> None:
+        """Upstream verified: now answer the app, offering only the ALPN upstream chose."""
+        assert self.proxy.ca is not None and self.tls_up is not None and self.hello is not None
         self.tls_done = time.time()
-        upstream_ssl: ssl.SSLObject = transport.get_extra_info("ssl_object")
+        upstream_ssl = self.tls_up.ssl_object
         alpn = upstream_ssl.selected_alpn_protocol()
         self.info.alpn = alpn
         self.info.tls_version = upstream_ssl.version()
@@ -401,15 +421,15 @@ class Relay:
             self.info.certificate = tls.cert_info(der)
         try:
             server_ctx = self.proxy.ca.server_context(
-                hello.sni, self.app.server[0], [alpn] if alpn else []
+                self.hello.sni, self.app.server[0], [alpn] if alpn else []
             )
+            self.tls_app = TlsEndpoint(server_ctx, server_side=True)
         except Exception as exc:  # noqa: BLE001 - reported on the flow
             self._tls_failed(f"making a certificate failed: {exc}")
             return
-        self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls_app = server_ctx.wrap_bio(self.tls_in, self.tls_out, server_side=True)
         self.mode = "tls"
         self._start_observer("h2" if alpn == "h2" else "http1", "https")
+        self._read_upstream()  # server bytes that came with its last handshake message
         data, self.pending = bytes(self.pending), bytearray()
         self._tls_from_app(data)
 
@@ -422,33 +442,25 @@ class Relay:
             self.upstream.abort()
 
     def _tls_from_app(self, data: bytes) -> None:
-        assert self.tls_app is not None and self.tls_in is not None
-        if data:
-            self.tls_in.write(data)
-        tls_app = self.tls_app
+        app_tls = self.tls_app
+        assert app_tls is not None
+        app_tls.feed(data)
         try:
-            if not self._app_handshake_done:
-                tls_app.do_handshake()
-                self._app_handshake_done = True
+            if not app_tls.handshake_done:
+                if not app_tls.handshake():
+                    self._flush_tls()
+                    return
                 self._flush_tls()
                 early, self.early_upstream = self.early_upstream, []
                 for chunk in early:
                     self.from_upstream_plaintext(chunk)
-            while True:
-                plain = tls_app.read(TLS_READ)
-                if not plain:
-                    break
+            plain = app_tls.read()
+            if plain:
                 self._to_upstream(plain)
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLZeroReturnError:
-            self._flush_tls()
-            self._upstream_write_eof()
-            return
         except ssl.SSLError as exc:
             self._flush_tls()
             why = f"the app rejected tapui's TLS: {_ssl_reason(exc)}"
-            if self._app_handshake_done:
+            if app_tls.handshake_done:
                 why = f"TLS error from the app: {_ssl_reason(exc)}"
             self._close_observer(why)
             self.app.write_eof()
@@ -456,41 +468,70 @@ class Relay:
                 self.upstream.close()
             return
         self._flush_tls()
+        if app_tls.closed:  # close_notify from the app: pass it on
+            self._upstream_write_eof()
 
     def _flush_tls(self) -> None:
-        out = self.tls_out
-        if out is not None and out.pending:
-            self.app.write(out.read())
+        if self.tls_app is not None:
+            out = self.tls_app.output()
+            if out:
+                self.app.write(out)
 
     # ---- upstream to app ----------------------------------------------------------------
 
     def _remember_tls_session(self) -> None:
-        if self.upstream_tls is None or self.upstream is None:
+        if self.upstream_tls is None or self.tls_up is None:
             return
         ctx, server_name = self.upstream_tls
-        ssl_object = self.upstream.get_extra_info("ssl_object")
-        if ssl_object is not None and isinstance(ctx, tls.ResumingContext):
-            ctx.remember(server_name, ssl_object)
-            self.upstream_tls = None  # once is enough
+        if isinstance(ctx, tls.ResumingContext):
+            ctx.remember(server_name, self.tls_up.ssl_object)
+        self.upstream_tls = None  # once is enough
 
     def from_upstream(self, data: bytes) -> None:
-        if self.upstream_tls is not None:
-            self._remember_tls_session()
         self.received += len(data)
-        if self.mode == "sniff":
+        mode = self.mode
+        if mode == "tls":
+            self.tls_up.feed(data)  # type: ignore[union-attr]
+            self._read_upstream()
+            return
+        if mode == "tls-handshake":
+            self.tls_up.feed(data)  # type: ignore[union-attr]
+            self._upstream_handshake()
+            return
+        if mode == "sniff":
             self._go_plain("unknown", "tcp")  # the server spoke first
         self.from_upstream_plaintext(data)
 
+    def _read_upstream(self) -> None:
+        up = self.tls_up
+        assert up is not None
+        try:
+            plain = up.read()
+        except ssl.SSLError as exc:
+            self._close_observer(f"TLS error from the server: {_ssl_reason(exc)}")
+            self.app.abort()
+            if self.upstream is not None:
+                self.upstream.abort()
+            return
+        self._upstream_send(up.output())  # e.g. the answer to a key update
+        if plain and self.upstream_tls is not None:
+            self._remember_tls_session()  # TLS 1.3 tickets come before the first data
+        if plain:
+            self.from_upstream_plaintext(plain)
+        if up.closed and not self.upstream_eof_seen:
+            self.upstream_eof()  # close_notify: the server has said all it will say
+
     def from_upstream_plaintext(self, data: bytes) -> None:
         if self.mode == "tls":
-            assert self.tls_app is not None
-            if not self._app_handshake_done:
+            app_tls = self.tls_app
+            assert app_tls is not None
+            if not app_tls.handshake_done:
                 # The server spoke first (HTTP/2 SETTINGS) before the app finished its handshake
                 # with us: hold the bytes until it has.
                 self.early_upstream.append(data)
                 return
             try:
-                self.tls_app.write(data)
+                app_tls.write(data)
             except ssl.SSLError as exc:
                 self._close_observer(f"TLS error toward the app: {_ssl_reason(exc)}")
                 self.app.abort()
@@ -512,40 +553,41 @@ class Relay:
         if self.mode == "plain":
             self._upstream_write_eof()
         elif self.mode == "tls":
-            self._tls_from_app(b"")  # pending close_notify, then close
             self._upstream_write_eof()
 
     def _upstream_write_eof(self) -> None:
         up = self.upstream
         if up is None or up.is_closing():
             return
-        if up.can_write_eof():
-            up.write_eof()
-        elif self.upstream_eof_seen:
-            up.close()
+        if self.tls_up is not None and self.mode == "tls" and not self.upstream_close_sent:
+            self.upstream_close_sent = True
+            self.tls_up.close()
+            self._upstream_send(self.tls_up.output())
+        up.write_eof()
 
     def upstream_eof(self) -> None:
+        if self.upstream_eof_seen:
+            return
         self.upstream_eof_seen = True
+        if self.mode == "tls-handshake":
+            self._tls_failed("upstream TLS handshake failed: the server closed the connection")
+            return
         if self.mode == "sniff":
             self._go_plain("unknown", "tcp")
         if self.observer is not None:
             self._observe(lambda _d: self.observer.server_eof(), b"")  # type: ignore[union-attr]
         if self.mode == "tls" and self.tls_app is not None:
-            try:
-                self.tls_app.unwrap()
-            except ssl.SSLError:
-                pass
+            self.tls_app.close()
             self._flush_tls()
         self.app.write_eof()
-        if self.app_eof_seen and self.upstream is not None and not self.upstream.can_write_eof():
-            self.upstream.close()
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.mode == "closed":
             return
         if exc is not None:
             if self.mode == "tls-handshake":
-                return  # start_tls reports it
+                self._tls_failed(f"upstream TLS handshake failed: {exc}")
+                return
             self._close_observer(f"upstream error: {exc}")
             self.app.abort()
         else:

@@ -8,6 +8,7 @@ are cached per (name, ALPN list).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import getpass
 import ipaddress
 import os
@@ -273,7 +274,12 @@ class ResumingContext(ssl.SSLContext):
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
     def remember(self, server_hostname: str, ssl_object: ssl.SSLObject) -> None:
-        """Keep `ssl_object`'s session (TLS 1.3 tickets arrive after the handshake)."""
+        """Keep `ssl_object`'s session (TLS 1.3 tickets arrive after the handshake).
+
+        A session that was just resumed is kept as it is: reading `ssl_object.session` copies
+        it through DER, certificate chain included (about 0.3 ms)."""
+        if ssl_object.session_reused and server_hostname in self.__dict__.get("sessions", {}):
+            return
         session = ssl_object.session
         if session is not None and session.has_ticket:
             self.__dict__.setdefault("sessions", {})[server_hostname] = session
@@ -480,8 +486,12 @@ def java_truststore(ca: CertificateAuthority, directory: Path | None = None) -> 
 # -- certificate details ------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
 def cert_info(der: bytes) -> Certificate:
-    """Subject, issuer, validity (ISO 8601) and SANs of a DER certificate."""
+    """Subject, issuer, validity (ISO 8601) and SANs of a DER certificate.
+
+    Cached: every connection to a server shows the same certificate, and parsing it costs
+    about 0.2 ms. Callers share the result and must not change it."""
     cert = x509.load_der_x509_certificate(der)
     sans: list[str] = []
     try:
