@@ -62,7 +62,8 @@ class TlsEndpoint:
         try:
             while True:
                 chunk = read(READ_SIZE)
-                if not chunk:
+                if not chunk:  # the peer's close_notify (with no data left, it raises)
+                    self.closed = True
                     break
                 chunks.append(chunk)
         except ssl.SSLWantReadError:

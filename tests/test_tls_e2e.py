@@ -263,3 +263,94 @@ def test_server_speaking_first_over_tls_reaches_a_slow_client(ca: trustme.CA, ca
         thread.join(5)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "banner from the server"
+
+
+def _one_shot_tls_server(ctx, handle):  # type: ignore[no-untyped-def]
+    """A TLS listener on the loopback running `handle(raw_socket)` for each connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            with raw:
+                handle(raw)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def test_response_delimited_by_the_servers_close_over_tls(ca: trustme.CA, ca_file: str) -> None:
+    """The server's close_notify and FIN end an HTTP/1.0 body; the flow ends complete."""
+    ctx = tls_servers.server_context(ca, [])
+    body = b"until the end " * 1000
+
+    def handle(raw: socket.socket) -> None:
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+            conn.unwrap()
+
+    listener = _one_shot_tls_server(ctx, handle)
+    port = listener.getsockname()[1]
+    code = (
+        "import urllib.request\n"
+        f"print(len(urllib.request.urlopen('https://{HOST}:{port}/close').read()))\n"
+    )
+    try:
+        result = tapui_https(ca_file, PY, "-c", code, extra=("--jsonl", "-"))
+    finally:
+        listener.close()
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    (flow,) = [f for f in lines if f["method"]]
+    assert flow["error"] is None and flow["status"] == 200
+    assert flow["response_size"] == len(body)
+    assert result.stdout.splitlines()[-1] == str(len(body))
+
+
+def test_upstream_tls_sessions_are_resumed(ca: trustme.CA, ca_file: str) -> None:
+    """Each app connection gets its own upstream connection; after the first, tapui resumes
+    the upstream's TLS session instead of a full handshake."""
+    ctx = tls_servers.server_context(ca, ["http/1.1"])
+    reused: list[bool] = []
+
+    def handle(raw: socket.socket) -> None:
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            reused.append(conn.session_reused)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    listener = _one_shot_tls_server(ctx, handle)
+    port = listener.getsockname()[1]
+    code = (
+        "import urllib.request\n"
+        "for _ in range(3):\n"
+        f"    assert urllib.request.urlopen('https://{HOST}:{port}/').read() == b'ok'\n"
+    )
+    try:
+        result = tapui_https(ca_file, PY, "-c", code)
+    finally:
+        listener.close()
+    assert result.returncode == 0, result.stderr
+    assert reused == [False, True, True]
+
+
+def test_upstream_closing_during_the_handshake_fails_the_apps_handshake(ca_file: str) -> None:
+    def handle(raw: socket.socket) -> None:
+        raw.recv(4096)  # the ClientHello, then nothing
+
+    listener = _one_shot_tls_server(None, handle)
+    port = listener.getsockname()[1]
+    try:
+        result = tapui_https(ca_file, "curl", "-sS", f"https://{HOST}:{port}/")
+    finally:
+        listener.close()
+    assert result.returncode != 0
+    assert "upstream TLS handshake failed: the server closed the connection" in result.stderr
