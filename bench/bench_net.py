@@ -125,9 +125,13 @@ def curl_speed(url: str, via_tapui: bool, upload: str | None = None, extra: tupl
 
 def latencies(
     host: str, port: int, n: int, via_tapui: bool, ca_file: str | None = None,
-    proxy: Mitmdump | None = None,
+    proxy: Mitmdump | None = None, name: str | None = None,
 ) -> list[float]:
+    """Round trips of `n` new connections to host:port (an address: no DNS lookup is timed);
+    `name` is the TLS server name when it differs from `host`."""
     cmd = [sys.executable, str(HERE / "latency_client.py"), host, str(port), str(n)]
+    if name is not None:
+        cmd.append(f"name={name}")
     env = None
     if proxy is not None:
         cmd.append(f"proxy=127.0.0.1:{proxy.port}")
@@ -224,7 +228,7 @@ def https(args: argparse.Namespace, tmp: str, mitm: Mitmdump | None) -> None:
         direct_lat = latencies("127.0.0.1", h1_port, args.connections, False, ca_file)
         report_latency(
             "new TLS connection + request", direct_lat,
-            latencies(ALIAS, h1_port, args.connections, True, ca_file), 3.0,
+            latencies(GATEWAY, h1_port, args.connections, True, ca_file, name=ALIAS), 3.0,
         )
         if mitm is not None:
             mitm.start(ca_file)

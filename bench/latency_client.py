@@ -1,7 +1,8 @@
 """N sequential new connections, one small request each; prints each round trip in µs.
 
-Usage: latency_client.py HOST PORT N [tls] [proxy=PROXYHOST:PORT]
-With a proxy (mitmdump, for comparison), plain requests use the absolute form and TLS goes
+Usage: latency_client.py HOST PORT N [tls] [proxy=PROXYHOST:PORT] [name=SERVERNAME]
+With name=, TLS uses SERVERNAME for SNI and certificate checks while dialling HOST (an
+address), so no DNS lookup is timed. With a proxy (mitmdump, for comparison), plain requests use the absolute form and TLS goes
 through CONNECT, as clients configured with a proxy do."""
 
 import socket
@@ -12,9 +13,10 @@ import time
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tls = "tls" in sys.argv[4:]
 proxy = next((a.split("=", 1)[1] for a in sys.argv[4:] if a.startswith("proxy=")), None)
+name = next((a.split("=", 1)[1] for a in sys.argv[4:] if a.startswith("name=")), host)
 ctx = ssl.create_default_context() if tls else None
 target = f"http://{host}:{port}/small" if proxy and not tls else "/small"
-request = f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+request = f"GET {target} HTTP/1.1\r\nHost: {name}:{port}\r\nConnection: close\r\n\r\n".encode()
 
 
 def connect() -> socket.socket:
@@ -30,7 +32,7 @@ def connect() -> socket.socket:
         while b"\r\n\r\n" not in reply:
             reply += s.recv(4096)
     if ctx is not None:
-        s = ctx.wrap_socket(s, server_hostname=host)
+        s = ctx.wrap_socket(s, server_hostname=name)
     return s
 
 

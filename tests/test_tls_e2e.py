@@ -354,3 +354,34 @@ def test_upstream_closing_during_the_handshake_fails_the_apps_handshake(ca_file:
         listener.close()
     assert result.returncode != 0
     assert "upstream TLS handshake failed: the server closed the connection" in result.stderr
+
+
+def test_app_sees_the_alpn_upstream_chose_even_when_it_changes(ca: trustme.CA, ca_file: str) -> None:
+    """tapui prepares its answer to the app with the ALPN the upstream chose last time; when
+    the upstream chooses otherwise, the app must still be offered what it chose now."""
+    choices = iter([["h2"], ["http/1.1"], ["http/1.1"]])
+
+    def handle(raw: socket.socket) -> None:
+        ctx = tls_servers.server_context(ca, next(choices))
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            conn.sendall(f"{conn.selected_alpn_protocol()}\n".encode())
+            conn.recv(10)
+
+    listener = _one_shot_tls_server(None, handle)
+    port = listener.getsockname()[1]
+    code = (
+        "import socket, ssl\n"
+        "ctx = ssl.create_default_context()\n"
+        "ctx.set_alpn_protocols(['h2', 'http/1.1'])\n"
+        "for _ in range(3):\n"
+        f"    with ctx.wrap_socket(socket.create_connection(('{HOST}', {port})),\n"
+        f"                         server_hostname='{HOST}') as s:\n"
+        "        said = s.recv(100).decode().strip()\n"
+        "        print(s.selected_alpn_protocol(), said)\n"
+    )
+    try:
+        result = tapui_https(ca_file, PY, "-c", code)
+    finally:
+        listener.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["h2 h2", "http/1.1 http/1.1", "http/1.1 http/1.1"]
