@@ -49,6 +49,15 @@ def run_tapui(
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
+def command_pid(tapui_pid: int) -> int:
+    """The pid of the command tapui runs (the sandbox helper exec'd into it): tapui's child
+    that is not its session writer process."""
+    for child in Path(f"/proc/{tapui_pid}/task/{tapui_pid}/children").read_text().split():
+        if b"engine.session_writer" not in Path(f"/proc/{child}/cmdline").read_bytes():
+            return int(child)
+    raise AssertionError(f"tapui ({tapui_pid}) runs no command")
+
+
 def client(name: str) -> str:
     """Path of a client script from tests/clients (run inside the sandbox)."""
     return str(CLIENTS / name)

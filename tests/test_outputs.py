@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HOST, ROOT, run_tapui, tapui_command
+from tests.conftest import HOST, ROOT, command_pid, run_tapui, tapui_command
 
 PY = sys.executable
 
@@ -43,8 +43,7 @@ def test_har_is_written_when_tapui_is_terminated_or_command_killed(
         if target == "tapui":
             proc.send_signal(signal.SIGTERM)
         else:
-            child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
-            os.kill(int(child), signal.SIGKILL)
+            os.kill(command_pid(proc.pid), signal.SIGKILL)
         code = proc.wait(30)
     finally:
         if proc.poll() is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HOST, ROOT, client, requires_root, tapui_command
+from tests.conftest import HOST, ROOT, client, command_pid, requires_root, tapui_command
 
 pytestmark = pytest.mark.usefixtures("sandbox")
 
@@ -27,8 +27,7 @@ def test_malformed_packet_storm_during_transfer(tmp_path: Path, http_port: int) 
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        # The command's pid (the sandbox helper exec'd into it) is tapui's only child.
-        child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+        child = command_pid(proc.pid)
         storm = subprocess.run(
             ["nsenter", f"--net=/proc/{child}/ns/net", sys.executable, client("storm.py"), "40"],
             capture_output=True, text=True, timeout=300, cwd=ROOT,
