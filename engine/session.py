@@ -1,4 +1,4 @@
-"""Sessions on disk: every flow in one SQLite file (WAL mode), written by one writer thread.
+"""Sessions on disk: every flow in one SQLite file (WAL mode), written by one writer process.
 
 Layout (schema version `SCHEMA_VERSION`, kept in PRAGMA user_version):
 
@@ -12,35 +12,51 @@ Layout (schema version `SCHEMA_VERSION`, kept in PRAGMA user_version):
   searches treat pending flows as candidates, so results never depend on the backlog.
 - `ws_messages`, `meta` (command, start time, counters).
 
-Only the writer thread writes while a capture runs; readers (SessionStore, `tapui sessions`) use
-their own connections. Each batch is one transaction, committed every `BATCH_INTERVAL` seconds
-or `BATCH_ROWS` events, so after a crash (even kill -9) every flow that finished more than one
-batch interval earlier is in the file, intact.
+While a capture runs, only the writer process (engine.session_writer, fed by `SessionWriter`)
+writes; readers (SessionStore, `tapui sessions`) use their own connections. Flows are sent to
+it every `BATCH_INTERVAL` seconds and each batch (at most `BATCH_ROWS` flows) is one
+transaction. The writer outlives a crash of tapui (even kill -9) and commits what it was sent,
+so every flow that finished more than one batch interval before the crash is in the file,
+intact.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import io
+import itertools
 import json
 import os
-import queue
+import pickle
 import shlex
+import signal
 import sqlite3
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from engine import sqlfilter
 from engine.errors import EXIT_USAGE, TapuiError
 from engine.filters import body_bytes
-from engine.flow import Body, EventKind, Flow, FlowBus, FlowEvent, Headers, Timings, header
+from engine.flow import (
+    MEMORY_THRESHOLD,
+    Body,
+    EventKind,
+    Flow,
+    FlowBus,
+    FlowEvent,
+    Headers,
+    Timings,
+    header,
+)
 from engine.store import flow_size
 
 if TYPE_CHECKING:
@@ -361,7 +377,8 @@ class SessionCounters:
 
 
 class SessionDB:
-    """The write side of a session: turns flows into rows. One instance per writer thread."""
+    """The write side of a session: turns flows into rows. One instance per writing thread
+    (the writer process's, an import's)."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_session_size: int = 0) -> None:
         self.path = Path(path)
@@ -573,17 +590,59 @@ class SessionDB:
         self.conn.execute("PRAGMA incremental_vacuum").fetchall()  # one page per row stepped
 
 
-# --- the writer thread ----------------------------------------------------------------------
+# --- the writer process ---------------------------------------------------------------------
+#
+# SessionWriter (here, in the engine's process) hands flows to `python -m
+# engine.session_writer`, which does all the SQLite work: SQLite in a thread of the engine's
+# process cost it about 0.3 ms of CPU per flow, mostly fighting its event loop for the GIL.
+#
+# Frames on the child's stdin: FRAME (kind, payload length), then the payload.
+
+FRAME = struct.Struct("<cQ")
+FRAME_BATCH = b"B"  # pickle of (pairs, chunked): one transaction in the child
+FRAME_CHUNK = b"C"  # 8-byte token + bytes of a large body; precedes the batch that names it
+FRAME_FLUSH = b"F"  # 8-byte token: acknowledged once everything before it is committed
+FRAME_END = b"E"  # JSON {"index_for": seconds}: the last frame before end of input
+#: Kept body bytes pickled along with their flow; larger bodies go as FRAME_CHUNK frames.
+INLINE_BODY = MEMORY_THRESHOLD
+#: A batch closes at `rows` flows or at this many inline body bytes (bounds both processes'
+#: memory for a burst of big bodies).
+FRAME_BYTES = 8 * 1024 * 1024
+_ROOT = Path(__file__).resolve().parent.parent  # where `engine` imports from
 
 
-_STOP = object()
+def _unpickle_body(size: int, cap: int, data: bytes) -> Body:
+    """A Body as the writer process gets it: the kept bytes (none when hollow), full size."""
+    body = Body(cap=cap)
+    if data:
+        body.append(data)
+    body.size = size
+    return body
+
+
+class _FlowPickler(pickle.Pickler):
+    """Pickles flows with their Body objects reduced to the kept bytes; a body whose id is in
+    `hollow` (unfinished flow, or sent in chunks) travels as its size only."""
+
+    def __init__(self, file: io.BytesIO, hollow: set[int]) -> None:
+        super().__init__(file, protocol=5)
+        self.hollow = hollow
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, Body):
+            data = b"" if id(obj) in self.hollow else obj.read()
+            return _unpickle_body, (obj.size, obj.cap, data)
+        return NotImplemented
 
 
 class SessionWriter:
-    """Writes flow events from a FlowBus into a session file, from one dedicated thread.
+    """Writes flow events from a FlowBus into a session file, through a writer process.
 
-    The bus listener only queues the event (it never blocks the engine); the thread coalesces
-    events per flow and commits a batch every `interval` seconds or `rows` events.
+    The bus listener only appends the event to a list (the engine never blocks, and no thread
+    wakes per event); a sender thread, every `interval` seconds, coalesces the events per flow
+    and pipes them, pickled, to the writer process, which commits each batch (at most `rows`
+    flows) as one transaction. If tapui dies, even by kill -9, the writer process still
+    commits everything it was sent.
     """
 
     def __init__(self, path: str | os.PathLike[str], command: Iterable[str] = (), *,
@@ -592,49 +651,74 @@ class SessionWriter:
         self.path = Path(path)
         self.interval = interval
         self.rows = rows
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._db = SessionDB(path, max_session_size=max_session_size)  # raises SessionError
-        meta = read_meta(self._db.conn)
-        self._db.begin()
-        if "started" not in meta:
-            self._db.set_meta(command=list(command), started=time.time())
-        self._db.set_meta(ended=None)
-        self._db.save_counters()
-        self._db.commit()
+        db = SessionDB(path, max_session_size=max_session_size)  # raises SessionError
+        try:
+            meta = read_meta(db.conn)
+            db.begin()
+            if "started" not in meta:
+                db.set_meta(command=list(command), started=time.time())
+            db.set_meta(ended=None)
+            db.save_counters()
+            db.commit()
+        finally:
+            db.rollback()
+            db.close()
+        self._child = db.counters  # the writer process's latest report
+        self._errors = 0  # failures on this side (the process died, a flow would not pickle)
+        self._last_error: str | None = None
+        self._fatal: str | None = None  # why events are dropped (the writer process died)
+        self._lock = threading.Lock()
+        self._pending: list[FlowEvent] = []
+        self._inflight = 0  # events taken by the sender and not yet written to the pipe
+        self._flushes: list[int] = []
+        self._waiters: dict[int, threading.Event] = {}
+        self._tokens = itertools.count(1)
+        self._wake = threading.Event()
+        self._open = True  # events are accepted
+        self._closing = False
+        self._dead = False  # the writer process is gone
+        self._ending = False  # the end was sent: the process exiting is expected
+        self._index_for = 2.0
         self._bus: FlowBus | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="tapui-session-writer",
-                                        daemon=True)
-        # Checkpoints (and their fsyncs) run beside the writer, not in its way.
-        self._db.conn.execute("PRAGMA wal_autocheckpoint = 0")
-        self._stop_checkpoints = threading.Event()
-        self._checkpointer = threading.Thread(target=self._checkpoints, daemon=True,
-                                              name="tapui-session-checkpoint")
-        self._thread.start()
-        self._checkpointer.start()
-
-    def _checkpoints(self, every: float = 1.0) -> None:
+        # The writer's stderr goes to a file, not the terminal (the UI owns it); close()
+        # passes it on, and a crash's last line becomes last_error.
+        self._stderr = tempfile.TemporaryFile(prefix="tapui-writer-")
         try:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        except sqlite3.Error:
-            return
-        try:
-            while not self._stop_checkpoints.wait(every):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error:
-                    pass
-        finally:
-            conn.close()
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "engine.session_writer", str(self.path.resolve()),
+                 "--max-session-size", str(max_session_size)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                close_fds=True,  # no TUN device or socket of the engine's in there
+                start_new_session=True,  # the terminal's Ctrl-C is for the captured command
+                cwd=_ROOT)
+        except BaseException:
+            self._stderr.close()
+            raise
+        #: The writer process's pid (tests wait for it, or kill it).
+        self.child_pid = self._proc.pid
+        self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                        name="tapui-session-sender")
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name="tapui-session-reader")
+        self._sender.start()
+        self._reader.start()
 
     @property
     def counters(self) -> SessionCounters:
-        self._db.counters.queued = self._queue.qsize()
-        return self._db.counters
+        """The writer process's latest counters; `queued` = events not yet sent to it."""
+        with self._lock:
+            counters = replace(self._child, queued=len(self._pending) + self._inflight)
+            if self._errors:
+                counters.errors += self._errors
+                counters.last_error = self._last_error
+        return counters
 
     def listener(self, event: FlowEvent) -> None:
-        """A FlowBus listener: safe from any thread, never blocks."""
-        self._queue.put(event)
+        """A FlowBus listener: safe from any thread, never blocks, wakes no one."""
+        with self._lock:
+            if self._open:
+                self._pending.append(event)
 
     def attach(self, bus: FlowBus) -> None:
         self._bus = bus
@@ -642,17 +726,26 @@ class SessionWriter:
 
     def add(self, flows: Iterable[Flow]) -> None:
         """Queue finished flows (as if their DONE events had been seen)."""
-        for flow in flows:
-            self._queue.put(FlowEvent(EventKind.DONE, flow))
+        events = [FlowEvent(EventKind.DONE, flow) for flow in flows]
+        with self._lock:
+            if self._open:
+                self._pending.extend(events)
 
     def flush(self, timeout: float = 10) -> None:
         """Wait until every event queued so far is committed."""
         done = threading.Event()
-        self._queue.put(done)
+        with self._lock:
+            if not self._open:
+                return
+            token = next(self._tokens)
+            self._waiters[token] = done
+            self._flushes.append(token)
+        self._wake.set()
         done.wait(timeout)
 
     def close(self, index_for: float = 2.0) -> None:
-        """Write what is queued, index what there is time for, checkpoint, close."""
+        """Send what is queued, then let the writer process index what there is time for,
+        checkpoint and close the file; wait for it."""
         if self._closed:
             return
         self._closed = True
@@ -661,84 +754,204 @@ class SessionWriter:
                 self._bus.unsubscribe(self.listener)
             except ValueError:
                 pass
-        self._queue.put(_STOP)
-        self._thread.join()
-        self._stop_checkpoints.set()
-        self._checkpointer.join()
-        db = self._db
+        with self._lock:
+            self._open = False
+            self._closing = True
+            self._index_for = index_for
+        self._wake.set()
+        deadline = time.monotonic() + index_for + 30
+        self._sender.join(max(0.0, deadline - time.monotonic()))
         try:
-            deadline = time.monotonic() + index_for
-            while time.monotonic() < deadline and db.counters.pending_index > 0:
-                db.begin()
-                n = db.index_pending()
-                db.commit()
-                if not n:
-                    break
-            db.begin()
-            db.set_meta(ended=time.time())
-            db.save_counters()
-            db.commit()
-            db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            db.rollback()
-            print(f"tapui: could not finish writing {self.path}: {exc}", file=sys.stderr)
-        finally:
-            db.close()
+            self._proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self._fail(f"the session writer (pid {self._proc.pid}) was still busy at exit; "
+                       "it finishes in the background")
+            print(f"tapui: {self.path}: {self._fatal}", file=sys.stderr)
+            return
+        self._reader.join(max(0.0, deadline - time.monotonic()))
+        self._release_waiters()
+        text = self._stderr_tail()
+        if text:  # e.g. "could not finish writing" (the terminal was the UI's until now)
+            sys.stderr.write(text if text.endswith("\n") else text + "\n")
+        self._stderr.close()
+        if self._fatal:
+            print(f"tapui: {self.path}: {self._fatal}; the session has the flows written "
+                  "before that", file=sys.stderr)
 
-    def _run(self) -> None:
-        db = self._db
-        while True:
+    # -- the sender thread --
+
+    def _send_loop(self) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        closing = False
+        while not closing:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            with self._lock:
+                flushes, self._flushes = self._flushes, []
+                events, self._pending = self._pending, []
+                self._inflight = len(events)
+                closing = self._closing
             try:
-                first = self._queue.get(timeout=0.1 if db.counters.pending_index else None)
-            except queue.Empty:
-                self._guarded(lambda: db.index_pending())
-                continue
-            if first is not _STOP and not isinstance(first, threading.Event) and (
-                    self._queue.qsize() < self.rows):
-                # Sleep rather than wait on the queue: a wake-up per event would take the GIL
-                # from the engine's thread three times per flow.
-                time.sleep(self.interval)
-            batch = [first]
-            while len(batch) < self.rows and batch[-1] is not _STOP:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(item is _STOP for item in batch)
-            latest: dict[int, tuple[Flow, bool]] = {}
-            for item in batch:
-                if isinstance(item, FlowEvent):
-                    done = item.kind is EventKind.DONE or item.flow.finished
-                    previous = latest.get(item.flow.id)
-                    latest[item.flow.id] = (item.flow, done or bool(previous and previous[1]))
-            if latest:
-                self._guarded(functools.partial(self._write, list(latest.values())))
-            for item in batch:
-                if isinstance(item, threading.Event):
-                    item.set()
-            if stop:
-                return
-            if db.counters.pending_index and self._queue.qsize() < self.rows:
-                self._guarded(lambda: db.index_pending())
-
-    def _write(self, flows: Iterable[tuple[Flow, bool]]) -> None:
-        db = self._db
-        for flow, done in flows:
-            db.write(flow, finished=done)
-        db.enforce_size()
-        db.save_counters()
-
-    def _guarded(self, work: Callable[[], object]) -> None:
-        """One transaction; a failure (disk full, ...) is counted, never raised."""
-        db = self._db
+                if not self._dead and (events or flushes):
+                    self._send(stdin, events, flushes)
+            except (OSError, ValueError):  # the process is gone (broken pipe)
+                self._died()
+            except Exception as exc:  # noqa: BLE001 - never lose the thread (and the session)
+                self._fail(f"could not send flows to the session writer: {exc}", drop=False)
+            finally:
+                with self._lock:
+                    self._inflight = 0
+        if self._dead:
+            return
         try:
-            db.begin()
-            work()
-            db.commit()
-        except Exception as exc:  # noqa: BLE001 - the capture goes on without the session
-            db.rollback()
-            db.counters.errors += 1
-            db.counters.last_error = str(exc)
+            self._ending = True
+            self._frame(stdin, FRAME_END, json.dumps({"index_for": self._index_for}).encode())
+            stdin.close()
+        except (OSError, ValueError):
+            self._died()
+
+    def _send(self, stdin: IO[bytes], events: list[FlowEvent], flushes: list[int]) -> None:
+        latest: dict[int, tuple[Flow, bool]] = {}
+        for event in events:
+            flow = event.flow
+            done = event.kind is EventKind.DONE or flow.finished
+            previous = latest.get(flow.id)
+            latest[flow.id] = (flow, done or (previous is not None and previous[1]))
+        batch: list[tuple[Flow, bool]] = []
+        size = 0
+        for flow, done in latest.values():
+            batch.append((flow, done))
+            if done:
+                size += sum(m.body.kept for m in (flow.request, flow.response)
+                            if m is not None and m.body.kept <= INLINE_BODY)
+            if len(batch) >= self.rows or size >= FRAME_BYTES:
+                self._send_batch(stdin, batch)
+                batch, size = [], 0
+        if batch:
+            self._send_batch(stdin, batch)
+        for token in flushes:
+            self._frame(stdin, FRAME_FLUSH, token.to_bytes(8, "little"))
+        stdin.flush()
+
+    def _send_batch(self, stdin: IO[bytes], batch: list[tuple[Flow, bool]]) -> None:
+        """One batch frame, after the chunks of its large bodies. Bodies of unfinished flows
+        are not sent: the writer stores bodies once a flow is finished."""
+        hollow: set[int] = set()
+        chunked: list[tuple[int, int, int, int, int]] = []  # index, part, token, size, cap
+        large: list[tuple[int, Body]] = []
+        for index, (flow, done) in enumerate(batch):
+            for part, message in enumerate((flow.request, flow.response)):
+                if message is None:
+                    continue
+                body = message.body
+                if not done or body.kept > INLINE_BODY:
+                    hollow.add(id(body))
+                if done and body.kept > INLINE_BODY:
+                    token = next(self._tokens)
+                    chunked.append((index, part, token, body.size, body.cap))
+                    large.append((token, body))
+        buf = io.BytesIO()
+        try:
+            _FlowPickler(buf, hollow).dump((batch, chunked))
+        except Exception as exc:  # noqa: BLE001 - e.g. a flow changing while pickled
+            if len(batch) > 1:  # the others still go
+                for pair in batch:
+                    self._send_batch(stdin, [pair])
+            else:
+                self._fail(f"flow {batch[0][0].id} could not be sent to the writer: {exc}",
+                           drop=False)
+            return
+        for token, body in large:
+            kept, offset = body.kept, 0
+            while offset < kept:
+                data = body.read(min(_BLOB_CHUNK, kept - offset), offset)
+                if not data:
+                    break
+                self._frame(stdin, FRAME_CHUNK, token.to_bytes(8, "little"), data)
+                offset += len(data)
+        self._frame(stdin, FRAME_BATCH, buf.getbuffer())
+
+    @staticmethod
+    def _frame(stdin: IO[bytes], kind: bytes, *parts: bytes | memoryview) -> None:
+        stdin.write(FRAME.pack(kind, sum(len(p) for p in parts)))
+        for part in parts:
+            stdin.write(part)
+
+    # -- the reader thread --
+
+    def _read_loop(self) -> None:
+        stdout = self._proc.stdout
+        assert stdout is not None
+        known = {f.name for f in fields(SessionCounters)}
+        for line in stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            counters = message.get("counters")
+            if counters is not None:
+                with self._lock:
+                    self._child = SessionCounters(
+                        **{k: v for k, v in counters.items() if k in known})
+            flushed = message.get("flushed")
+            if flushed is not None:
+                with self._lock:
+                    waiter = self._waiters.pop(flushed, None)
+                if waiter is not None:
+                    waiter.set()
+        stdout.close()
+        self._died()
+
+    # -- the writer process failing --
+
+    def _died(self) -> None:
+        """The writer process ended or its pipe broke: an error unless it was told to end and
+        ended well. Events are dropped from then on."""
+        with self._lock:
+            if self._dead:
+                return
+            self._dead = True
+        try:
+            code = self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        if self._ending and code == 0:
+            return
+        if code is None:
+            reason = "the session writer stopped reading"
+        elif code < 0:
+            reason = f"the session writer was killed ({signal.Signals(-code).name})"
+        else:
+            reason = f"the session writer exited with status {code}"
+        last = self._stderr_tail().strip().splitlines()
+        self._fail(f"{reason}: {last[-1]}" if last else reason)
+
+    def _fail(self, reason: str, *, drop: bool = True) -> None:
+        """Count an error; with `drop`, stop taking events (nothing will write them)."""
+        with self._lock:
+            self._errors += 1
+            self._last_error = reason
+            if drop:
+                self._fatal = self._fatal or reason
+                self._open = False
+                self._pending = []
+        if drop:
+            self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        with self._lock:
+            waiters, self._waiters = list(self._waiters.values()), {}
+        for waiter in waiters:
+            waiter.set()
+
+    def _stderr_tail(self, limit: int = 64 * 1024) -> str:
+        try:
+            size = self._stderr.seek(0, os.SEEK_END)
+            self._stderr.seek(max(0, size - limit))
+            return self._stderr.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return ""
 
 
 def open_session_writer(path: str | os.PathLike[str] | None, command: Iterable[str],

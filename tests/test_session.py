@@ -129,7 +129,9 @@ WRITER_SCRIPT = textwrap.dedent("""
     from engine.flow import Body, Connection, Flow, FlowBus, Request, Response
     from engine.session import SessionWriter
     bus = FlowBus()
-    SessionWriter(sys.argv[1], ["writer"]).attach(bus)
+    writer = SessionWriter(sys.argv[1], ["writer"])
+    writer.attach(bus)
+    print("writer", writer.child_pid, flush=True)
     i = 0
     while True:
         flow = Flow(conn=Connection(id=i, client=("10.0.0.2", 1), server=("10.0.0.1", 80)))
@@ -150,6 +152,7 @@ def test_kill_9_of_a_writer_process_loses_no_finished_flow(tmp_path: Path) -> No
     proc = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, str(path)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
+    writer_pid = int(proc.stdout.readline().split()[1])
     finished: list[tuple[int, float]] = []
     for line in proc.stdout:
         i, t = line.split()
@@ -176,6 +179,149 @@ def test_kill_9_of_a_writer_process_loses_no_finished_flow(tmp_path: Path) -> No
     store.set_filter("~u /1234$")
     assert store.view_len == 1
     store.close()
+    wait_exited(writer_pid)
+
+
+def wait_exited(pid: int, timeout: float = 30) -> None:
+    """Wait for a process that is not our child (a zombie counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still runs after {timeout} s")
+
+
+HANDOVER_SCRIPT = textwrap.dedent("""
+    import hashlib, sys, time
+    from engine.flow import Body, Connection, Flow, FlowBus, Request, Response
+    from engine.session import SessionWriter
+    bus = FlowBus()
+    writer = SessionWriter(sys.argv[1], ["writer"], interval=0.01)
+    writer.attach(bus)
+    writer.flush()  # the writer process runs
+    print("writer", writer.child_pid, flush=True)
+    sys.stdin.readline()
+    i = 0
+    while True:
+        group = []
+        for _ in range(5):
+            flow = Flow(conn=Connection(id=i, client=("10.0.0.2", 1), server=("10.0.0.1", 80)))
+            bus.new(flow)
+            body = hashlib.sha256(str(i).encode()).hexdigest().encode() * (1 + i % 50)
+            flow.request = Request("GET", "http", "h.test", f"/{i}", "HTTP/1.1", [])
+            flow.response = Response(200, "OK", "HTTP/1.1", [("X-I", str(i))], Body.of(body))
+            bus.update(flow)
+            bus.done(flow)
+            group.append(i)
+            i += 1
+        while writer.counters.queued:  # until the group is in the writer process's pipe
+            time.sleep(0.001)
+        print(*group, flush=True)
+""")
+
+
+def test_writer_process_commits_everything_it_was_sent_after_kill_9_of_tapui(
+        tmp_path: Path) -> None:
+    """Flows sent to the writer process but not committed when tapui is killed (a lock held
+    here keeps it from committing) are all in the file once it has finished."""
+    path = tmp_path / "handover.tapui"
+    proc = subprocess.Popen([sys.executable, "-c", HANDOVER_SCRIPT, str(path)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    writer_pid = int(proc.stdout.readline().split()[1])
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    sent: list[int] = []
+    while len(sent) < 20:  # four batches: one read by the writer, three in its pipe
+        sent.extend(int(i) for i in proc.stdout.readline().split())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert lock.execute("SELECT count(*) FROM flows").fetchone()[0] == 0
+    lock.execute("ROLLBACK")
+    lock.close()
+    wait_exited(writer_pid)
+    assert session.session_info(path).ended is not None  # finished, not cut off
+    store = SessionStore(path)
+    by_i = {int(flow.request.path[1:]): flow for flow in store}
+    assert sorted(by_i) == sent
+    for i in sent:
+        expected = hashlib.sha256(str(i).encode()).hexdigest().encode() * (1 + i % 50)
+        assert by_i[i].finished and by_i[i].response.body.read() == expected
+    store.close()
+
+
+def test_large_body_round_trips_without_being_held_whole(tmp_path: Path) -> None:
+    data = os.urandom(20 * 1024 * 1024)
+    digest = hashlib.sha256(data).hexdigest()
+    flow = http_flow(1, data, ctype="application/octet-stream")  # cap 0: all kept
+    del data
+    writer = SessionWriter(tmp_path / "big.tapui", ["x"])
+    tracemalloc.start()
+    try:
+        writer.add([flow])
+        writer.flush(60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    writer.close()
+    assert peak < 8 * 1024 * 1024, peak  # sent in chunks, never pickled whole
+    store = SessionStore(writer.path)
+    body = store.view_flow(0).response.body
+    assert body.size == body.kept == 20 * 1024 * 1024
+    assert hashlib.sha256(body.read()).hexdigest() == digest
+    store.close()
+
+
+def test_killed_writer_process_leaves_the_engine_side_running(tmp_path: Path) -> None:
+    bus = FlowBus()
+    writer = SessionWriter(tmp_path / "k.tapui", ["x"], interval=0.01)
+    writer.attach(bus)
+    emit(bus, http_flow(0, b"{}"))
+    writer.flush()
+    os.kill(writer.child_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while writer.counters.errors == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for i in range(1, 200):
+        emit(bus, http_flow(i, b"{}"))  # no exception, nothing kept
+    started = time.monotonic()
+    writer.flush()
+    writer.close()
+    assert time.monotonic() - started < 2
+    counters = writer.counters
+    assert counters.errors == 1 and "killed (SIGKILL)" in counters.last_error
+    assert counters.queued == 0
+    store = SessionStore(writer.path)
+    assert len(store) == 1  # what was committed before stays
+    store.close()
+
+
+def test_writer_process_inherits_no_fd_and_has_its_own_session(tmp_path: Path) -> None:
+    """No TUN device or socket of the engine's leaks into it; Ctrl-C does not reach it."""
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    ours = os.readlink(f"/proc/self/fd/{w}")
+    writer = SessionWriter(tmp_path / "fd.tapui", ["x"])
+    try:
+        targets = set()
+        for fd in os.listdir(f"/proc/{writer.child_pid}/fd"):
+            try:
+                targets.add(os.readlink(f"/proc/{writer.child_pid}/fd/{fd}"))
+            except OSError:
+                pass
+        assert ours not in targets
+        assert os.getsid(writer.child_pid) == writer.child_pid != os.getsid(0)
+    finally:
+        writer.close()
+        os.close(r)
+        os.close(w)
 
 
 CLIENT = textwrap.dedent("""
