@@ -328,8 +328,8 @@ class Relay:
         if self.tls_up is not None:
             self.tls_up.write(data)
             self._upstream_send(self.tls_up.output())
-        elif self.upstream is not None and not self.upstream.is_closing():
-            self.upstream.write(data)
+        else:
+            self._upstream_send(data)
         if not self.process_looked_up:
             self._find_process()
         if self.observer is not None:
