@@ -150,9 +150,12 @@ def test_post_copy_as_curl_replays_the_same_request(
         assert copied.startswith("curl ")
 
         # Paste it: run the copied command with bash where the host alias resolves.
-        replay = run_tapui("--no-ui", "-q", "--", "bash", "-c", copied, timeout=60)
+        replay = run_tapui("--no-ui", "--", "bash", "-c", copied, timeout=60)
         assert replay.returncode == 0, replay.stderr
-        assert len(server.requests) == 2
+        # The test server answers a POST with the body's digest, and records it.
+        assert replay.stdout.strip() == hashlib.sha256(body.encode()).hexdigest(), (
+            copied, replay.stdout, replay.stderr)
+        assert len(server.requests) == 2, (copied, replay.stdout, replay.stderr)
         again = server.requests[1]
         assert again["method"] == original["method"] == "POST"
         assert again["path"] == original["path"] == "/api/items?dry_run=1"
