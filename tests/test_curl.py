@@ -61,7 +61,11 @@ class RecordingServer:
                     pass
 
     def close(self) -> None:
+        # Closing alone would leave the socket listening while _serve's thread waits in
+        # accept(); a later test could then reach this server. shutdown() wakes that thread.
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self._thread.join(5)
 
 
 @pytest.fixture

@@ -195,6 +195,7 @@ class SlowServer(threading.Thread):
                 conn.sendall(str(got).encode())
 
     def stop(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes run() if it still waits in accept()
         self.listener.close()
         self.join(10)
 

@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import jsonschema
@@ -259,14 +260,17 @@ def test_server_speaking_first_over_tls_reaches_a_slow_client(ca: trustme.CA, ca
     try:
         result = tapui_https(ca_file, PY, client("slow_tls.py"), HOST, str(port))
     finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes serve() if it still waits in accept()
         listener.close()
         thread.join(5)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "banner from the server"
 
 
-def _one_shot_tls_server(ctx, handle):  # type: ignore[no-untyped-def]
-    """A TLS listener on the loopback running `handle(raw_socket)` for each connection."""
+@contextmanager
+def tls_listener(handle) -> Iterator[int]:  # type: ignore[no-untyped-def]
+    """A listener on the loopback running `handle(raw_socket)` for each connection; yields
+    its port. Shut down (not only closed) at the end, so no thread keeps it listening."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -278,8 +282,14 @@ def _one_shot_tls_server(ctx, handle):  # type: ignore[no-untyped-def]
             with raw:
                 handle(raw)
 
-    threading.Thread(target=serve, daemon=True).start()
-    return listener
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
 
 
 def test_response_delimited_by_the_servers_close_over_tls(ca: trustme.CA, ca_file: str) -> None:
@@ -295,16 +305,12 @@ def test_response_delimited_by_the_servers_close_over_tls(ca: trustme.CA, ca_fil
             conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
             conn.unwrap()
 
-    listener = _one_shot_tls_server(ctx, handle)
-    port = listener.getsockname()[1]
-    code = (
-        "import urllib.request\n"
-        f"print(len(urllib.request.urlopen('https://{HOST}:{port}/close').read()))\n"
-    )
-    try:
+    with tls_listener(handle) as port:
+        code = (
+            "import urllib.request\n"
+            f"print(len(urllib.request.urlopen('https://{HOST}:{port}/close').read()))\n"
+        )
         result = tapui_https(ca_file, PY, "-c", code, extra=("--jsonl", "-"))
-    finally:
-        listener.close()
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     (flow,) = [f for f in lines if f["method"]]
@@ -327,17 +333,13 @@ def test_upstream_tls_sessions_are_resumed(ca: trustme.CA, ca_file: str) -> None
                 request += conn.recv(4096)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 
-    listener = _one_shot_tls_server(ctx, handle)
-    port = listener.getsockname()[1]
-    code = (
-        "import urllib.request\n"
-        "for _ in range(3):\n"
-        f"    assert urllib.request.urlopen('https://{HOST}:{port}/').read() == b'ok'\n"
-    )
-    try:
+    with tls_listener(handle) as port:
+        code = (
+            "import urllib.request\n"
+            "for _ in range(3):\n"
+            f"    assert urllib.request.urlopen('https://{HOST}:{port}/').read() == b'ok'\n"
+        )
         result = tapui_https(ca_file, PY, "-c", code)
-    finally:
-        listener.close()
     assert result.returncode == 0, result.stderr
     assert reused == [False, True, True]
 
@@ -346,12 +348,8 @@ def test_upstream_closing_during_the_handshake_fails_the_apps_handshake(ca_file:
     def handle(raw: socket.socket) -> None:
         raw.recv(4096)  # the ClientHello, then nothing
 
-    listener = _one_shot_tls_server(None, handle)
-    port = listener.getsockname()[1]
-    try:
+    with tls_listener(handle) as port:
         result = tapui_https(ca_file, "curl", "-sS", f"https://{HOST}:{port}/")
-    finally:
-        listener.close()
     assert result.returncode != 0
     assert "upstream TLS handshake failed: the server closed the connection" in result.stderr
 
@@ -367,21 +365,17 @@ def test_app_sees_the_alpn_upstream_chose_even_when_it_changes(ca: trustme.CA, c
             conn.sendall(f"{conn.selected_alpn_protocol()}\n".encode())
             conn.recv(10)
 
-    listener = _one_shot_tls_server(None, handle)
-    port = listener.getsockname()[1]
-    code = (
-        "import socket, ssl\n"
-        "ctx = ssl.create_default_context()\n"
-        "ctx.set_alpn_protocols(['h2', 'http/1.1'])\n"
-        "for _ in range(3):\n"
-        f"    with ctx.wrap_socket(socket.create_connection(('{HOST}', {port})),\n"
-        f"                         server_hostname='{HOST}') as s:\n"
-        "        said = s.recv(100).decode().strip()\n"
-        "        print(s.selected_alpn_protocol(), said)\n"
-    )
-    try:
+    with tls_listener(handle) as port:
+        code = (
+            "import socket, ssl\n"
+            "ctx = ssl.create_default_context()\n"
+            "ctx.set_alpn_protocols(['h2', 'http/1.1'])\n"
+            "for _ in range(3):\n"
+            f"    with ctx.wrap_socket(socket.create_connection(('{HOST}', {port})),\n"
+            f"                         server_hostname='{HOST}') as s:\n"
+            "        said = s.recv(100).decode().strip()\n"
+            "        print(s.selected_alpn_protocol(), said)\n"
+        )
         result = tapui_https(ca_file, PY, "-c", code)
-    finally:
-        listener.close()
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:3] == ["h2 h2", "http/1.1 http/1.1", "http/1.1 http/1.1"]
