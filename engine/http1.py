@@ -76,6 +76,15 @@ class _Framing:
             elif name == b"upgrade":
                 self.upgrade = True
 
+    def reader(self, *, until_close: bool) -> BodyReader:
+        """h11's reader for the body these headers frame; with neither header, a request has
+        no body and a response runs until the connection closes (RFC 9112 section 6.3)."""
+        if self.chunked:
+            return h11_readers.ChunkedReader()
+        if self.length is not None:
+            return h11_readers.ContentLengthReader(self.length)
+        return h11_readers.Http10Reader() if until_close else h11_readers.ContentLengthReader(0)
+
 
 def response_body_reader(event: h11.Response, request_method: bytes) -> BodyReader:
     """h11's reader for the body that follows response `event` (RFC 9112 section 6.3)."""
@@ -85,12 +94,7 @@ def response_body_reader(event: h11.Response, request_method: bytes) -> BodyRead
         or (request_method == b"CONNECT" and 200 <= event.status_code < 300)
     ):
         return h11_readers.ContentLengthReader(0)
-    framing = _Framing(event)
-    if framing.chunked:
-        return h11_readers.ChunkedReader()
-    if framing.length is not None:
-        return h11_readers.ContentLengthReader(framing.length)
-    return h11_readers.Http10Reader()
+    return _Framing(event).reader(until_close=True)
 
 
 def bypass(reader: BodyReader, buffered: int, available: int) -> int:
@@ -302,10 +306,7 @@ class Http1Observer:
         )
         flow.state = FlowState.REQUEST
         framing = _Framing(event)
-        if framing.chunked:
-            self._request_body = h11_readers.ChunkedReader()
-        else:
-            self._request_body = h11_readers.ContentLengthReader(framing.length or 0)
+        self._request_body = framing.reader(until_close=False)
         ex = _Exchange(flow, event.method, framing.upgrade or event.method == b"CONNECT")
         self._parsing = ex
         self._queue.append(ex)
