@@ -172,7 +172,7 @@ class Relay:
         self.app_fed = 0  # bytes of `pending` the app's TLS endpoint already has
         self.upstream_close_sent = False
         self.early_upstream: list[bytes] = []  # server bytes that came before the app's handshake
-        self.upstream_tls: tuple[ssl.SSLContext, str] | None = None  # for session resumption
+        self.tls_session_kept = False  # the upstream's TLS session was offered for resumption
         self.app_eof_seen = False
         self.upstream_eof_seen = False
         server_ip, server_port = conn.server
@@ -392,14 +392,14 @@ class Relay:
         except (ssl.SSLError, ValueError) as exc:
             self._tls_failed(f"upstream TLS setup failed: {_ssl_reason(exc)}")
             return
-        self.upstream_tls = (ctx, server_name)
         self._upstream_handshake()
         if self.mode == "tls-handshake":
             self._prepare_app_flight()
 
     def _alpn_key(self) -> tuple[str, tuple[str, int], tuple[str, ...]]:
-        assert self.hello is not None and self.upstream_tls is not None
-        return (self.upstream_tls[1], self.info.upstream, tuple(self.hello.alpn))  # type: ignore[return-value]
+        assert self.hello is not None and self.tls_up is not None
+        server_name = self.tls_up.ssl_object.server_hostname
+        return (server_name, self.info.upstream, tuple(self.hello.alpn))  # type: ignore[return-value]
 
     def _app_endpoint(self, alpn: str | None) -> TlsEndpoint:
         assert self.proxy.ca is not None and self.hello is not None
@@ -515,12 +515,13 @@ class Relay:
     # ---- upstream to app ----------------------------------------------------------------
 
     def _remember_tls_session(self) -> None:
-        if self.upstream_tls is None or self.tls_up is None:
+        if self.tls_session_kept or self.tls_up is None:
             return
-        ctx, server_name = self.upstream_tls
-        if isinstance(ctx, tls.ResumingContext):
-            ctx.remember(server_name, self.tls_up.ssl_object)
-        self.upstream_tls = None  # once is enough
+        self.tls_session_kept = True  # once is enough
+        ssl_object = self.tls_up.ssl_object
+        ctx = ssl_object.context
+        if isinstance(ctx, tls.ResumingContext) and ssl_object.server_hostname:
+            ctx.remember(ssl_object.server_hostname, ssl_object)
 
     def from_upstream(self, data: bytes) -> None:
         self.received += len(data)
@@ -549,11 +550,10 @@ class Relay:
                 self.upstream.abort()
             return
         self._upstream_send(up.output())  # e.g. the answer to a key update
-        if plain and self.upstream_tls is not None:
-            self._remember_tls_session()  # TLS 1.3 tickets come before the first data
         if plain:
+            self._remember_tls_session()  # TLS 1.3 tickets come before the first data
             self.from_upstream_plaintext(plain)
-        if up.closed and not self.upstream_eof_seen:
+        if up.closed:
             self.upstream_eof()  # close_notify: the server has said all it will say
 
     def from_upstream_plaintext(self, data: bytes) -> None:
@@ -585,9 +585,7 @@ class Relay:
         self.app_eof_seen = True
         if self.observer is not None:
             self._observe(lambda _d: self.observer.client_eof(), b"")  # type: ignore[union-attr]
-        if self.mode == "plain":
-            self._upstream_write_eof()
-        elif self.mode == "tls":
+        if self.mode in ("plain", "tls"):
             self._upstream_write_eof()
 
     def _upstream_write_eof(self) -> None:
