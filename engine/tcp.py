@@ -26,6 +26,7 @@ RTO_MIN = 0.2
 RTO_MAX = 10.0
 MAX_RETRIES = 12
 PERSIST_MIN = 0.2
+MAX_OUT_OF_ORDER = 256  # segments held beyond a hole
 
 
 def seq_lt(a: int, b: int) -> bool:
@@ -169,6 +170,8 @@ class TcpConnection:
         self.on_established: Callable[[], None] | None = None
         self.syn_packet: bytes | None = None  # quoted in an ICMP unreachable answer
         self.received: list[memoryview] = []  # in-order data not yet handed to the handler
+        # Segments beyond a hole, by sequence number: (payload, FIN flag).
+        self.out_of_order: dict[int, tuple[memoryview, bool]] = {}
 
     # ---- to the app -------------------------------------------------------------------
 
@@ -319,37 +322,92 @@ class TcpConnection:
         if self.state == "CLOSED":
             return
         payload = pkt.payload
-        seq = pkt.seq
+        fin = bool(flags & FIN) and self.state == "OPEN"
         if payload:
-            if seq != self.rcv_nxt:
-                offset = (self.rcv_nxt - seq) & MASK
-                if offset < len(payload):
-                    payload = payload[offset:]  # a retransmission overlapping new data
-                    seq = self.rcv_nxt
-                else:
-                    self.stack.want_ack(self)  # duplicate or out of order: say where we are
-                    payload = b""
-            if payload and not self.fin_received:
-                self.rcv_nxt = (self.rcv_nxt + len(payload)) & MASK
-                self.stack.want_ack(self)
-                if self.handler is not None:
-                    # Handed over once per batch of packets (deliver()): one upstream write
-                    # and one decoder call for what arrived together.
-                    if not self.received:
-                        self.stack.want_delivery(self)
-                    self.received.append(payload)
-        if flags & FIN and self.state == "OPEN":
-            fin_seq = (pkt.seq + len(pkt.payload)) & MASK
-            if fin_seq == self.rcv_nxt and not self.fin_received:
-                self.fin_received = True
-                self.rcv_nxt = (self.rcv_nxt + 1) & MASK
-                self.send_ack()
-                self.deliver()
-                if self.handler is not None:
-                    self.handler.eof_received()
-                self._maybe_closed()
-            elif self.fin_received:
-                self.send_ack()
+            if not self._receive(pkt.seq, payload, fin):
+                return  # out of order: the FIN, if any, waits with the data
+        elif seq_lt(pkt.seq, self.rcv_nxt) and not fin:
+            self.stack.want_ack(self)  # a keep-alive or zero-window probe: say where we are
+        if fin:
+            self._fin_at((pkt.seq + len(payload)) & MASK)
+
+    def _receive(self, seq: int, payload: memoryview, fin: bool) -> bool:
+        """Take in a segment's data; False when it lies beyond a hole and waits for it."""
+        if seq != self.rcv_nxt:
+            ahead = (seq - self.rcv_nxt) & MASK
+            if ahead < 0x80000000:
+                self._hold_out_of_order(seq, ahead, payload, fin)
+                return False
+            behind = MASK + 1 - ahead
+            if behind >= len(payload):
+                self.stack.want_ack(self)  # a duplicate: say where we are
+                return True
+            payload = payload[behind:]  # a retransmission overlapping new data
+        if self.fin_received:
+            return True
+        self._accept(payload)
+        if self.out_of_order:
+            self._fill_from_out_of_order()
+        return True
+
+    def _accept(self, payload: memoryview) -> None:
+        self.rcv_nxt = (self.rcv_nxt + len(payload)) & MASK
+        self.stack.want_ack(self)
+        if self.handler is not None:
+            # Handed over once per batch of packets (deliver()): one upstream write and one
+            # decoder call for what arrived together.
+            if not self.received:
+                self.stack.want_delivery(self)
+            self.received.append(payload)
+
+    def _hold_out_of_order(self, seq: int, ahead: int, payload: memoryview, fin: bool) -> None:
+        """Keep a segment that came after a lost one, as any receiver does.
+
+        The sender (without SACK) assumes we kept it: once the hole is filled, one cumulative
+        ACK covers everything. Each such segment gets its own duplicate ACK at once, so the
+        sender's fast retransmit fires instead of its backed-off timer.
+        """
+        window = self.last_window_sent << self.our_wscale
+        if (
+            not self.fin_received
+            and ahead + len(payload) <= window
+            and len(self.out_of_order) < MAX_OUT_OF_ORDER
+        ):
+            self.out_of_order[seq] = (payload, fin)
+        self.send_ack()
+
+    def _fill_from_out_of_order(self) -> None:
+        """Hand on the held segments that the data just received made contiguous."""
+        held = self.out_of_order
+        fin_at: int | None = None
+        progressed = True
+        while progressed and held:
+            progressed = False
+            for seq in list(held):
+                behind = (self.rcv_nxt - seq) & MASK
+                if behind >= 0x80000000:
+                    continue  # still beyond a hole
+                payload, fin = held.pop(seq)
+                if behind < len(payload):
+                    self._accept(payload[behind:])
+                    progressed = True
+                if fin:
+                    fin_at = (seq + len(payload)) & MASK
+        if fin_at is not None and self.state == "OPEN":
+            self._fin_at(fin_at)
+
+    def _fin_at(self, fin_seq: int) -> None:
+        if fin_seq == self.rcv_nxt and not self.fin_received:
+            self.fin_received = True
+            self.out_of_order.clear()
+            self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+            self.send_ack()
+            self.deliver()
+            if self.handler is not None:
+                self.handler.eof_received()
+            self._maybe_closed()
+        elif self.fin_received:
+            self.send_ack()
 
     def _process_ack(self, pkt: packets.Packet) -> None:
         ack = pkt.ack

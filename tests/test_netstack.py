@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from engine.addresses import GATEWAY_V4
 from tests import servers
-from tests.conftest import HOST, client, run_measuring_peak_rss, run_tapui, tapui_command
+from tests.conftest import (
+    HOST,
+    ROOT,
+    client,
+    command_pid,
+    requires_root,
+    run_measuring_peak_rss,
+    run_tapui,
+    tapui_command,
+)
 
 pytestmark = pytest.mark.usefixtures("sandbox")
 PY = sys.executable
@@ -94,6 +106,63 @@ def test_concurrent_connections_arrive_byte_exact(digest_port: int) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "ok 200"
+
+
+SHRINK_TUN_QUEUE = (
+    "from pyroute2 import IPRoute\n"
+    "with IPRoute() as ip:\n"
+    "    ip.link('set', index=ip.link_lookup(ifname='tapui0')[0], txqlen=32)\n"
+)
+
+
+def test_uploads_recover_from_packets_dropped_before_the_stack(
+    tmp_path: Path, digest_port: int
+) -> None:
+    """With a 32-packet queue on the TUN, the app's bursts lose segments before tapui reads
+    them: tapui keeps what came after a hole, so the senders' retransmissions catch up.
+    (The host alias is dialled by address: lost DNS queries would only add resolver timeouts.)"""
+    requires_root()  # entering the sandbox's network namespace to shrink its queue needs it
+    go = tmp_path / "go"
+    wait_then_run = f'while [ ! -e {go} ]; do sleep 0.05; done; "$@" && cat /proc/net/dev'
+    proc = subprocess.Popen(
+        tapui_command(
+            "--no-ui", "-q", "--", "sh", "-c", wait_then_run, "sh",
+            PY, client("stress.py"), GATEWAY_V4, str(digest_port), "20", "3",
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        cwd=ROOT,
+    )
+    try:
+        child = _wait_for_command(proc.pid)
+        subprocess.run(
+            ["nsenter", f"--net=/proc/{child}/ns/net", PY, "-c", SHRINK_TUN_QUEUE],
+            check=True, timeout=30,
+        )
+        go.touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.splitlines()[0] == "ok 20"
+    tun = next(line for line in out.splitlines() if line.strip().startswith("tapui0:"))
+    tx_dropped = int(tun.split()[12])  # the packets the app sent that never reached tapui
+    assert tx_dropped > 0, tun
+
+
+def _wait_for_command(tapui_pid: int) -> int:
+    """The pid of tapui's command once it runs inside its sandbox."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            child = command_pid(tapui_pid)
+            if Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"sh\0"):
+                return child
+        except (AssertionError, OSError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("tapui's command did not start")
 
 
 def test_half_closed_client_still_receives_reply(pool: bytes) -> None:
