@@ -212,9 +212,10 @@ class Netstack:
         if flags & SYN and not flags & ACK:
             if pkt.dport == 0 or pkt.sport == 0:
                 return
-            mss, wscale = packets.parse_tcp_options(pkt.options)
+            mss, wscale, sack_ok = packets.parse_tcp_options(pkt.options)
             conn = TcpConnection(
-                self, pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.seq, mss, wscale, pkt.window
+                self, pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.seq, mss, wscale, pkt.window,
+                sack_ok,
             )
             conn.syn_packet = bytes(buf[: 40 + len(pkt.options) + 20])
             self.connections[key] = conn

@@ -148,9 +148,10 @@ def parse(buf: memoryview) -> Packet | None:
     return None
 
 
-def parse_tcp_options(options: bytes) -> tuple[int | None, int | None]:
-    """(MSS, window scale) from a SYN's options; None where absent or malformed."""
+def parse_tcp_options(options: bytes) -> tuple[int | None, int | None, bool]:
+    """(MSS, window scale, SACK permitted) from a SYN's options; None where absent or malformed."""
     mss = wscale = None
+    sack_ok = False
     i, n = 0, len(options)
     while i < n:
         kind = options[i]
@@ -168,8 +169,10 @@ def parse_tcp_options(options: bytes) -> tuple[int | None, int | None]:
             mss = (options[i + 2] << 8) | options[i + 3]
         elif kind == 3 and length == 3:
             wscale = min(options[i + 2], 14)
+        elif kind == 4 and length == 2:
+            sack_ok = True
         i += length
-    return mss, wscale
+    return mss, wscale, sack_ok
 
 
 def _ipv4_header(src: bytes, dst: bytes, proto: int, total: int) -> bytes:

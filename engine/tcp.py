@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -134,6 +135,7 @@ class TcpConnection:
         peer_mss: int | None,
         peer_wscale: int | None,
         window: int,
+        sack_ok: bool = False,
     ) -> None:
         self.stack = stack
         self.src, self.sport, self.dst, self.dport = src, sport, dst, dport
@@ -145,6 +147,7 @@ class TcpConnection:
         self.wscale_ok = peer_wscale is not None
         self.peer_wscale = peer_wscale or 0
         self.our_wscale = OUR_WSCALE if self.wscale_ok else 0
+        self.sack_ok = sack_ok  # the app takes SACK blocks: we tell it which segments we hold
         self.rcv_nxt = (irs + 1) & MASK
         self.iss = int.from_bytes(os.urandom(4), "big")
         self.snd_una = self.iss
@@ -172,6 +175,7 @@ class TcpConnection:
         self.received: list[memoryview] = []  # in-order data not yet handed to the handler
         # Segments beyond a hole, by sequence number: (payload, FIN flag).
         self.out_of_order: dict[int, tuple[memoryview, bool]] = {}
+        self.last_held = 0  # sequence number of the segment held last (its SACK block leads)
 
     # ---- to the app -------------------------------------------------------------------
 
@@ -187,6 +191,8 @@ class TcpConnection:
         window = self._window()
         self.last_window_sent = window
         ack = self.rcv_nxt if flags & ACK else 0
+        if self.out_of_order and self.sack_ok and not payload and not options:
+            options = self._sack_option()
         if options:
             length = sum(map(len, payload)) if payload else 0
             hdr = packets.tcp_segment(
@@ -225,6 +231,8 @@ class TcpConnection:
         options = b"\x02\x04" + mss.to_bytes(2, "big")
         if self.wscale_ok:
             options += b"\x01\x03\x03" + bytes([self.our_wscale])
+        if self.sack_ok:
+            options += b"\x01\x01\x04\x02"
         self.last_window_sent = min(RCV_BUF, 0xFFFF)
         hdr = packets.tcp_segment(
             self.dst,
@@ -374,7 +382,27 @@ class TcpConnection:
             and len(self.out_of_order) < MAX_OUT_OF_ORDER
         ):
             self.out_of_order[seq] = (payload, fin)
+            self.last_held = seq
         self.send_ack()
+
+    def _sack_option(self) -> bytes:
+        """SACK blocks (RFC 2018) for the held segments, the one held last first."""
+        base = self.rcv_nxt
+        blocks: list[list[int]] = []
+        for start, end in sorted(
+            ((seq - base) & MASK, ((seq - base) & MASK) + len(payload))
+            for seq, (payload, _fin) in self.out_of_order.items()
+        ):
+            if blocks and start <= blocks[-1][1]:
+                blocks[-1][1] = max(blocks[-1][1], end)
+            else:
+                blocks.append([start, end])
+        recent = (self.last_held - base) & MASK
+        blocks.sort(key=lambda block: not block[0] <= recent < block[1])
+        blocks = blocks[:4]  # all a header without timestamps has room for
+        return b"\x01\x01\x05" + bytes([2 + 8 * len(blocks)]) + b"".join(
+            struct.pack("!II", (base + start) & MASK, (base + end) & MASK) for start, end in blocks
+        )
 
     def _fill_from_out_of_order(self) -> None:
         """Hand on the held segments that the data just received made contiguous."""

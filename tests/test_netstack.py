@@ -111,15 +111,16 @@ def test_concurrent_connections_arrive_byte_exact(digest_port: int) -> None:
 SHRINK_TUN_QUEUE = (
     "from pyroute2 import IPRoute\n"
     "with IPRoute() as ip:\n"
-    "    ip.link('set', index=ip.link_lookup(ifname='tapui0')[0], txqlen=32)\n"
+    "    ip.link('set', index=ip.link_lookup(ifname='tapui0')[0], txqlen=8)\n"
 )
 
 
 def test_uploads_recover_from_packets_dropped_before_the_stack(
     tmp_path: Path, digest_port: int
 ) -> None:
-    """With a 32-packet queue on the TUN, the app's bursts lose segments before tapui reads
-    them: tapui keeps what came after a hole, so the senders' retransmissions catch up.
+    """With an 8-packet queue on the TUN, the app's bursts lose segments before tapui reads
+    them: tapui keeps what came after a hole and says so in SACK blocks, so the senders
+    retransmit just the lost segments.
     (The host alias is dialled by address: lost DNS queries would only add resolver timeouts.)"""
     requires_root()  # entering the sandbox's network namespace to shrink its queue needs it
     go = tmp_path / "go"
@@ -139,7 +140,7 @@ def test_uploads_recover_from_packets_dropped_before_the_stack(
             check=True, timeout=30,
         )
         go.touch()
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
