@@ -342,11 +342,10 @@ class TcpConnection:
     def _receive(self, seq: int, payload: memoryview, fin: bool) -> bool:
         """Take in a segment's data; False when it lies beyond a hole and waits for it."""
         if seq != self.rcv_nxt:
-            ahead = (seq - self.rcv_nxt) & MASK
-            if ahead < 0x80000000:
-                self._hold_out_of_order(seq, ahead, payload, fin)
+            if seq_lt(self.rcv_nxt, seq):
+                self._hold_out_of_order(seq, payload, fin)
                 return False
-            behind = MASK + 1 - ahead
+            behind = (self.rcv_nxt - seq) & MASK
             if behind >= len(payload):
                 self.stack.want_ack(self)  # a duplicate: say where we are
                 return True
@@ -368,13 +367,14 @@ class TcpConnection:
                 self.stack.want_delivery(self)
             self.received.append(payload)
 
-    def _hold_out_of_order(self, seq: int, ahead: int, payload: memoryview, fin: bool) -> None:
+    def _hold_out_of_order(self, seq: int, payload: memoryview, fin: bool) -> None:
         """Keep a segment that came after a lost one, as any receiver does.
 
         The sender (without SACK) assumes we kept it: once the hole is filled, one cumulative
         ACK covers everything. Each such segment gets its own duplicate ACK at once, so the
         sender's fast retransmit fires instead of its backed-off timer.
         """
+        ahead = (seq - self.rcv_nxt) & MASK
         window = self.last_window_sent << self.our_wscale
         if (
             not self.fin_received
@@ -408,19 +408,18 @@ class TcpConnection:
         """Hand on the held segments that the data just received made contiguous."""
         held = self.out_of_order
         fin_at: int | None = None
-        progressed = True
-        while progressed and held:
-            progressed = False
-            for seq in list(held):
-                behind = (self.rcv_nxt - seq) & MASK
-                if behind >= 0x80000000:
-                    continue  # still beyond a hole
-                payload, fin = held.pop(seq)
-                if behind < len(payload):
-                    self._accept(payload[behind:])
-                    progressed = True
-                if fin:
-                    fin_at = (seq + len(payload)) & MASK
+        # In sequence order, counted from half the sequence space back, so segments the new
+        # data overtook come first; the first one still beyond a hole ends the run.
+        origin = (self.rcv_nxt - 0x80000000) & MASK
+        for seq in sorted(held, key=lambda seq: (seq - origin) & MASK):
+            if seq_lt(self.rcv_nxt, seq):
+                break
+            payload, fin = held.pop(seq)
+            behind = (self.rcv_nxt - seq) & MASK
+            if behind < len(payload):
+                self._accept(payload[behind:])
+            if fin:
+                fin_at = (seq + len(payload)) & MASK
         if fin_at is not None and self.state == "OPEN":
             self._fin_at(fin_at)
 
