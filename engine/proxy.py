@@ -194,7 +194,6 @@ class Relay:
         self.error: str | None = None
         self.connected: float | None = None
         self.tls_done: float | None = None
-        self.process_looked_up = False
 
     # ---- connecting -----------------------------------------------------------------------
 
@@ -268,6 +267,7 @@ class Relay:
         transport.set_write_buffer_limits(high=UPSTREAM_HIGH_WATER, low=UPSTREAM_LOW_WATER)
         transport.max_size = READ_SIZE  # type: ignore[attr-defined]
         self.app.accept(AppSide(self))
+        self._find_process()
 
     def _failed_connect(self, why: str) -> None:
         self._record_failure(f"upstream {self.info.upstream[0]}:{self.info.upstream[1]}: {why}")  # type: ignore[index]
@@ -304,9 +304,9 @@ class Relay:
         return t
 
     def _find_process(self) -> None:
-        """Which process made the connection: done once the first bytes are on their way,
-        so the lookup overlaps the server's work instead of delaying the request."""
-        self.process_looked_up = True
+        """Which process made the connection: looked up right after the SYN-ACK, while the
+        app completes its handshake and writes its request, when tapui would wait anyway
+        (and while the app surely still holds the socket)."""
         if self.proxy.processes is not None:
             self.proxy.processes.lookup(self.info)
 
@@ -330,8 +330,6 @@ class Relay:
             self._upstream_send(self.tls_up.output())
         else:
             self._upstream_send(data)
-        if not self.process_looked_up:
-            self._find_process()
         if self.observer is not None:
             self._observe(self.observer.client_data, data)
 
@@ -574,8 +572,6 @@ class Relay:
             self._flush_tls()
         else:
             self.app.write(data)
-        if not self.process_looked_up:
-            self._find_process()
         if self.observer is not None:
             self._observe(self.observer.server_data, data)
 
