@@ -161,6 +161,7 @@ class CertificateAuthority:
         cert_path = self.leaf_for(sni, ip)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert_path, self._leaf_key_path)
+        ctx.num_tickets = 1  # enough for the app to resume its next connection (OpenSSL sends 2)
         if alpn:
             ctx.set_alpn_protocols(list(alpn))
         with self._lock:

@@ -379,3 +379,45 @@ def test_app_sees_the_alpn_upstream_chose_even_when_it_changes(ca: trustme.CA, c
         result = tapui_https(ca_file, PY, "-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:3] == ["h2 h2", "http/1.1 http/1.1", "http/1.1 http/1.1"]
+
+
+def test_upstream_gets_the_apps_own_sni_and_alpn_when_they_change(
+    ca: trustme.CA, ca_file: str
+) -> None:
+    """tapui makes the upstream endpoint ahead of the ClientHello, for the SNI and ALPN the
+    last connection to the same address used; the upstream must still see what the app
+    offers now."""
+    ctx = tls_servers.server_context(ca, ["h2", "http/1.1"])
+    seen: list[tuple[str | None, str | None]] = []
+    names: list[str | None] = []
+    ctx.sni_callback = lambda _obj, name, _ctx: names.append(name)  # type: ignore[assignment,misc,func-returns-value]
+
+    def handle(raw: socket.socket) -> None:
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            seen.append((names[-1], conn.selected_alpn_protocol()))
+            conn.sendall(b"ok\n")
+            conn.recv(10)
+
+    with tls_listener(handle) as port:
+        code = (
+            "import socket, ssl\n"
+            f"for name, alpn in [('{HOST}', ['h2', 'http/1.1']), ('{HOST}', ['h2', 'http/1.1']),\n"
+            "                   ('api.example.test', ['http/1.1']), ('api.example.test', []),\n"
+            f"                   ('{HOST}', ['h2'])]:\n"
+            "    ctx = ssl.create_default_context()\n"
+            "    if alpn:\n"
+            "        ctx.set_alpn_protocols(alpn)\n"
+            f"    with ctx.wrap_socket(socket.create_connection((name, {port})),\n"
+            "                         server_hostname=name) as s:\n"
+            "        print(name, s.selected_alpn_protocol(), s.recv(10).decode().strip())\n"
+        )
+        result = tapui_https(ca_file, PY, "-c", code, extra=("--add-host", "api.example.test:127.0.0.1"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{HOST} h2 ok", f"{HOST} h2 ok", "api.example.test http/1.1 ok",
+        "api.example.test None ok", f"{HOST} h2 ok",
+    ]
+    assert seen == [
+        (HOST, "h2"), (HOST, "h2"), ("api.example.test", "http/1.1"),
+        ("api.example.test", None), (HOST, "h2"),
+    ]
