@@ -8,7 +8,9 @@ latency tapui adds per new connection.
                               [--repeat 3] [--mitmdump]
 
 Each throughput figure is the median of --repeat transfers; latencies are p50/p90 over
---connections sequential connections, dialled by address (no DNS lookup is timed).
+--connections sequential connections, dialled by address (no DNS lookup is timed). Direct and
+tapui runs alternate (direct, tapui, direct, ...), so a slow spell of a noisy machine weighs
+on both sides of a ratio alike.
 
 --mitmdump also runs every case through mitmproxy's mitmdump as an explicit proxy, for
 comparison; it makes a Python 3.12 venv with mitmproxy under ~/.cache/tapui-bench on first use.
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -119,16 +122,27 @@ def mitmproxy_python() -> str:
 REPEAT = [3]  # transfers per measurement; the median is reported (--repeat)
 
 
-def curl_speed(url: str, via_tapui: bool, upload: str | None = None, extra: tuple = ()) -> float:
-    """MB/s of one curl transfer, the median of REPEAT runs (a 2-core VM is noisy)."""
+def curl_command(url: str, upload: str | None = None, extra: tuple = ()) -> list[str]:
+    """curl moving one body to or from `url`, printing its speed in bytes/s."""
     cmd = ["curl", "-4", "-s", "-o", "/dev/null", *extra]
     if upload:
         cmd += ["-T", upload, "-X", "POST", "-H", "Expect:", "-w", "%{speed_upload}"]
     else:
         cmd += ["-w", "%{speed_download}"]
-    cmd.append(url)
-    speeds = [float(run(tapui(*cmd) if via_tapui else cmd)) / 1e6 for _ in range(REPEAT[0])]
-    return statistics.median(speeds)
+    return [*cmd, url]
+
+
+def paired_speeds(direct: list[str], through: list[str]) -> tuple[float, float]:
+    """Median MB/s of REPEAT runs of each command, run alternately."""
+    pairs = [(float(run(direct)) / 1e6, float(run(through)) / 1e6) for _ in range(REPEAT[0])]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
+def curl_pair(direct_url: str, tapui_url: str, upload: str | None = None,
+              direct_extra: tuple = (), tapui_extra: tuple = ()) -> tuple[float, float]:
+    """(direct, through tapui) MB/s of the same transfer, measured alternately."""
+    return paired_speeds(curl_command(direct_url, upload, direct_extra),
+                         tapui(*curl_command(tapui_url, upload, tapui_extra)))
 
 
 def latencies(
@@ -149,6 +163,20 @@ def latencies(
             env = dict(os.environ, SSL_CERT_FILE=proxy.ca if proxy is not None else ca_file)
     out = run(tapui(*cmd) if via_tapui else cmd, env)
     return [float(x) / 1000 for x in out.split()]  # ms
+
+
+def latency_pair(
+    direct: Callable[[int], list[float]], through: Callable[[int], list[float]], n: int
+) -> tuple[list[float], list[float]]:
+    """Latencies of `n` connections each way, in alternating rounds of about 100 or more."""
+    rounds = max(1, min(REPEAT[0], n // 100))
+    direct_ms: list[float] = []
+    through_ms: list[float] = []
+    for i in range(rounds):
+        k = n // rounds + (1 if i < n % rounds else 0)
+        direct_ms += direct(k)
+        through_ms += through(k)
+    return direct_ms, through_ms
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -182,22 +210,20 @@ def plain(args: argparse.Namespace, upload: str, mitm: Mitmdump | None) -> None:
         print(f"plain HTTP, {args.size_mib} MiB each way, {args.connections} new connections")
         down = f"http://127.0.0.1:{port}/{args.size_mib}"
         down_t = f"http://{ALIAS}:{port}/{args.size_mib}"
-        report_throughput("download", curl_speed(down, False), curl_speed(down_t, True), 0.5)
+        report_throughput("download", *curl_pair(down, down_t), 0.5)
         up = f"http://127.0.0.1:{port}/upload"
         up_t = f"http://{ALIAS}:{port}/upload"
-        report_throughput(
-            "upload", curl_speed(up, False, upload), curl_speed(up_t, True, upload), 0.5
+        report_throughput("upload", *curl_pair(up, up_t, upload), 0.5)
+        direct_lat, tapui_lat = latency_pair(
+            lambda k: latencies("127.0.0.1", port, k, False),
+            lambda k: latencies(GATEWAY, port, k, True), args.connections,
         )
-        direct_lat = latencies("127.0.0.1", port, args.connections, False)
-        report_latency(
-            "new connection + request", direct_lat,
-            latencies(GATEWAY, port, args.connections, True), 0.5,
-        )
+        report_latency("new connection + request", direct_lat, tapui_lat, 0.5)
         if mitm is not None:
             mitm.start()
             proxy = ("-x", f"http://127.0.0.1:{mitm.port}")
-            report_throughput("download", curl_speed(down, False), curl_speed(down, False, extra=proxy), 0.5, "mitmdump")
-            report_throughput("upload", curl_speed(up, False, upload), curl_speed(up, False, upload, proxy), 0.5, "mitmdump")
+            report_throughput("download", *paired_speeds(curl_command(down), curl_command(down, extra=proxy)), 0.5, "mitmdump")
+            report_throughput("upload", *paired_speeds(curl_command(up, upload), curl_command(up, upload, proxy)), 0.5, "mitmdump")
             report_latency("new connection + request", direct_lat,
                            latencies("127.0.0.1", port, args.connections, False, proxy=mitm), 0.5, "mitmdump")
             mitm.stop()
@@ -221,23 +247,25 @@ def https(args: argparse.Namespace, tmp: str, mitm: Mitmdump | None) -> None:
         print(f"HTTPS, {args.size_mib} MiB download, {args.connections} new connections")
         for name, port, flag in (("download --http1.1", h1_port, "--http1.1"),
                                  ("download --http2", h2_port, "--http2")):
-            direct = curl_speed(
-                f"https://127.0.0.1:{port}/{args.size_mib}", False, extra=("--cacert", ca_file, flag)
+            direct, through = curl_pair(
+                f"https://127.0.0.1:{port}/{args.size_mib}", f"https://{ALIAS}:{port}/{args.size_mib}",
+                direct_extra=("--cacert", ca_file, flag), tapui_extra=(flag,),
             )
-            through = curl_speed(f"https://{ALIAS}:{port}/{args.size_mib}", True, extra=(flag,))
             report_throughput(name, direct, through, 0.4)
             if mitm is not None:
                 mitm.start(ca_file)
-                proxied = curl_speed(
-                    f"https://127.0.0.1:{port}/{args.size_mib}", False,
-                    extra=("-x", f"http://127.0.0.1:{mitm.port}", "--cacert", mitm.ca, flag),
-                )
-                report_throughput(name, direct, proxied, 0.4, "mitmdump")
-        direct_lat = latencies("127.0.0.1", h1_port, args.connections, False, ca_file)
-        report_latency(
-            "new TLS connection + request", direct_lat,
-            latencies(GATEWAY, h1_port, args.connections, True, ca_file, name=ALIAS), 3.0,
+                url = f"https://127.0.0.1:{port}/{args.size_mib}"
+                report_throughput(name, *paired_speeds(
+                    curl_command(url, extra=("--cacert", ca_file, flag)),
+                    curl_command(url, extra=("-x", f"http://127.0.0.1:{mitm.port}",
+                                             "--cacert", mitm.ca, flag)),
+                ), 0.4, "mitmdump")
+        direct_lat, tapui_lat = latency_pair(
+            lambda k: latencies("127.0.0.1", h1_port, k, False, ca_file),
+            lambda k: latencies(GATEWAY, h1_port, k, True, ca_file, name=ALIAS),
+            args.connections,
         )
+        report_latency("new TLS connection + request", direct_lat, tapui_lat, 3.0)
         if mitm is not None:
             mitm.start(ca_file)
             report_latency(
