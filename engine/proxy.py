@@ -392,7 +392,7 @@ class Relay:
         flight computed too, the ClientHello that arrives only has to be compared. Nothing is
         sent upstream before it is; a different one means the endpoint is made again."""
         guess = self.proxy.last_hello.get(self.info.upstream)  # type: ignore[arg-type]
-        if guess is None or self.proxy.ca is None:
+        if guess is None:  # (only intercepted ClientHellos are remembered)
             return
         try:
             endpoint = self._upstream_endpoint(*guess)
