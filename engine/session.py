@@ -23,9 +23,11 @@ intact.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import itertools
 import json
+import operator
 import os
 import pickle
 import shlex
@@ -49,12 +51,17 @@ from engine.filters import body_bytes
 from engine.flow import (
     MEMORY_THRESHOLD,
     Body,
+    Certificate,
+    Connection,
     EventKind,
     Flow,
     FlowBus,
     FlowEvent,
     Headers,
+    Request,
+    Response,
     Timings,
+    WebSocketMessage,
     header,
 )
 from engine.store import flow_size
@@ -620,6 +627,24 @@ def _unpickle_body(size: int, cap: int, data: bytes) -> Body:
     return body
 
 
+def _dataclass_reducers() -> dict[type, Callable[[Any], tuple[Any, ...]]]:
+    """Pickle reducers for the flow model's dataclasses: (class, field values), read by one
+    C attrgetter. About twice as fast both ways as pickle's generic object protocol."""
+    reducers: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+    for cls in (Flow, Connection, Request, Response, Timings, WebSocketMessage, Certificate):
+        values = operator.attrgetter(*(f.name for f in fields(cls)))
+        reducers[cls] = functools.partial(_reduce_dataclass, cls, values)
+    return reducers
+
+
+def _reduce_dataclass(cls: type, values: Callable[[Any], tuple[Any, ...]], obj: Any
+                      ) -> tuple[Any, ...]:
+    return cls, values(obj)
+
+
+_REDUCERS = _dataclass_reducers()
+
+
 class _FlowPickler(pickle.Pickler):
     """Pickles flows with their Body objects reduced to the kept bytes; a body whose id is in
     `hollow` (unfinished flow, or sent in chunks) travels as its size only."""
@@ -627,12 +652,11 @@ class _FlowPickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO, hollow: set[int]) -> None:
         super().__init__(file, protocol=5)
         self.hollow = hollow
+        self.dispatch_table = {**_REDUCERS, Body: self._reduce_body}
 
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, Body):
-            data = b"" if id(obj) in self.hollow else obj.read()
-            return _unpickle_body, (obj.size, obj.cap, data)
-        return NotImplemented
+    def _reduce_body(self, body: Body) -> tuple[Any, ...]:
+        data = b"" if id(body) in self.hollow else body.read()
+        return _unpickle_body, (body.size, body.cap, data)
 
 
 class SessionWriter:

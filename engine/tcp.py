@@ -27,6 +27,10 @@ RTO_MIN = 0.2
 RTO_MAX = 10.0
 MAX_RETRIES = 12
 PERSIST_MIN = 0.2
+#: How long the ACK of the app's FIN may wait for our own FIN (or data) to carry it. Like
+#: Linux, which enters delayed-ACK mode on a FIN: the upstream usually closes within a
+#: fraction of a millisecond, and one segment then does the work of two.
+FIN_ACK_DELAY = 0.04
 MAX_OUT_OF_ORDER = 256  # segments held beyond a hole
 
 
@@ -167,6 +171,7 @@ class TcpConnection:
         self.retries = 0
         self.rto_timer: asyncio.TimerHandle | None = None
         self.persist_timer: asyncio.TimerHandle | None = None
+        self.ack_timer: asyncio.TimerHandle | None = None  # a delayed ACK of the app's FIN
         self.persist_backoff = PERSIST_MIN
         self.dup_acks = 0
         self.last_window_sent = 0
@@ -188,6 +193,8 @@ class TcpConnection:
     def _send(
         self, flags: int, seq: int, payload: list[memoryview] | None = None, options: bytes = b""
     ) -> None:
+        if self.ack_timer is not None and flags & ACK:
+            self._cancel_delayed_ack()  # this segment carries the ACK
         window = self._window()
         self.last_window_sent = window
         ack = self.rcv_nxt if flags & ACK else 0
@@ -428,7 +435,10 @@ class TcpConnection:
             self.fin_received = True
             self.out_of_order.clear()
             self.rcv_nxt = (self.rcv_nxt + 1) & MASK
-            self.send_ack()
+            if self.fin_sent:
+                self.send_ack()
+            else:  # our FIN, or the rest of the reply, will usually carry it
+                self.ack_timer = self.stack.loop.call_later(FIN_ACK_DELAY, self._delayed_ack)
             self.deliver()
             if self.handler is not None:
                 self.handler.eof_received()
@@ -544,6 +554,15 @@ class TcpConnection:
         self._push()
         self._arm_rto()
 
+    def _delayed_ack(self) -> None:
+        self.ack_timer = None
+        self.send_ack()
+
+    def _cancel_delayed_ack(self) -> None:
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
+
     def _arm_persist(self) -> None:
         if self.persist_timer is None:
             self.persist_timer = self.stack.loop.call_later(self.persist_backoff, self._on_persist)
@@ -585,6 +604,7 @@ class TcpConnection:
         self.state = "CLOSED"
         self._cancel_rto()
         self._cancel_persist()
+        self._cancel_delayed_ack()
         self.stack.forget(self)
         handler, self.handler = self.handler, None
         if notify and handler is not None:

@@ -92,6 +92,24 @@ class HalfCloseHandler(socketserver.BaseRequestHandler):
         sock.sendall(digest.digest() + self.pool[: 2 * 1024 * 1024])
 
 
+class HoldOpenHandler(socketserver.BaseRequestHandler):
+    """Reads until the client's FIN, then keeps its own side open until the test ends."""
+
+    release: threading.Event
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        while sock.recv(1 << 16):
+            pass
+        self.release.wait(30)
+
+
+def hold_open_server(release: threading.Event) -> _ThreadingServer:
+    return _ThreadingServer(
+        ("127.0.0.1", 0), type("Handler", (HoldOpenHandler,), {"release": release})
+    )
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     buf = b""
     while len(buf) < n:

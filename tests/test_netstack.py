@@ -173,6 +173,18 @@ def test_half_closed_client_still_receives_reply(pool: bytes) -> None:
     assert result.stdout.strip() == "half-close ok"
 
 
+def test_apps_fin_is_acknowledged_while_the_server_stays_open() -> None:
+    release = threading.Event()
+    with servers.running(servers.hold_open_server(release)) as port:
+        try:
+            result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "fin-acked", HOST,
+                               str(port))
+        finally:
+            release.set()  # the server's handler ends, and the server with it
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "fin acked"
+
+
 def test_refused_port_is_refused_inside() -> None:
     port = servers.free_port()
     result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "connect", HOST, str(port), "4")

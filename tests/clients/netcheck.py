@@ -2,7 +2,9 @@
 
 import hashlib
 import socket
+import struct
 import sys
+import time
 
 sys.path.insert(0, __file__.rsplit("/", 3)[0])
 from tests.servers import random_pool  # noqa: E402
@@ -19,6 +21,29 @@ def half_close(host: str, port: str) -> None:
             reply += chunk
     ok = reply[:32] == hashlib.sha256(payload).digest() and reply[32:] == pool[: 2 * 1024 * 1024]
     print("half-close", "ok" if ok else f"bad ({len(reply)} bytes)")
+
+
+def fin_acked(host: str, port: str) -> None:
+    """Shut down the write side while the server stays open: tapui's ACK of the FIN must
+    come on its own, before the app's kernel sends the FIN again (its socket moves from
+    FIN_WAIT1 to FIN_WAIT2 with no retransmission counted)."""
+    fin_wait2 = 5  # tcp_info.tcpi_state, as in the kernel's tcp_states.h
+
+    def state_and_retransmissions(s: socket.socket) -> tuple[int, int]:
+        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return info[0], struct.unpack_from("I", info, 100)[0]  # tcpi_total_retrans
+
+    with socket.create_connection((host, int(port))) as s:
+        s.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 5
+        state, retransmitted = state_and_retransmissions(s)
+        while state != fin_wait2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+            state, retransmitted = state_and_retransmissions(s)
+    if state == fin_wait2 and retransmitted == 0:
+        print("fin acked")
+    else:
+        print(f"fin not acked in time (state {state}, {retransmitted} retransmissions)")
 
 
 def connect(host: str, port: str, family: str = "any") -> None:
