@@ -150,6 +150,55 @@ def test_user_namespaces_disabled_explains_the_fix() -> None:
     assert "Traceback" not in proc.stderr
 
 
+#: unshare(2)'s number, and the AUDIT_ARCH value a seccomp filter checks, per machine.
+UNSHARE_SYSCALL = {"x86_64": (272, 0xC000003E), "aarch64": (97, 0xC00000B7)}
+
+
+def _deny_unshare() -> None:
+    """Install a seccomp filter making unshare(2) fail with EPERM, as Docker's default
+    profile does for a container without CAP_SYS_ADMIN; every other call is allowed."""
+    import ctypes
+    import errno
+    import platform
+    import struct
+
+    number, arch = UNSHARE_SYSCALL[platform.machine()]
+    load_word, jump_if_equal, ret = 0x20, 0x15, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_RET|K
+    allow, fail = 0x7FFF0000, 0x00050000 | errno.EPERM  # SECCOMP_RET_ALLOW, _ERRNO
+    program = [
+        (load_word, 0, 0, 4),  # seccomp_data.arch
+        (jump_if_equal, 1, 0, arch),
+        (ret, 0, 0, allow),
+        (load_word, 0, 0, 0),  # seccomp_data.nr
+        (jump_if_equal, 0, 1, number),
+        (ret, 0, 0, fail),
+        (ret, 0, 0, allow),
+    ]
+    code = b"".join(struct.pack("HBBI", *instruction) for instruction in program)
+    buffer = ctypes.create_string_buffer(code)
+    fprog = struct.pack("HxxxxxxP", len(program), ctypes.addressof(buffer))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]  # (pointers are 64-bit)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    fprog_buffer = ctypes.create_string_buffer(fprog)
+    if libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.addressof(fprog_buffer), 0, 0):
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+def test_seccomp_denying_user_namespaces_explains_the_fix() -> None:
+    """A container's seccomp profile (simulated with a filter that denies unshare)."""
+    proc = subprocess.run(
+        tapui_command("--no-ui", "--", "true"), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, stdin=subprocess.DEVNULL, preexec_fn=_deny_unshare,
+    )
+    assert proc.returncode == EXIT_USERNS, proc.stderr
+    assert "seccomp" in proc.stderr
+    assert "--security-opt seccomp=unconfined" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @contextmanager
 def traversable_interpreter() -> Iterator[None]:
     """Let other users traverse (o+x, no listing) the directories above this interpreter and
