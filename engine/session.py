@@ -705,6 +705,10 @@ class SessionWriter:
         self._index_for = 2.0
         self._bus: FlowBus | None = None
         self._closed = False
+        #: Called (from any thread) with the flows the writer can no longer save once it has
+        #: died: those it had not been sent, then each one as events come. A UI that lists
+        #: the session file keeps them in memory instead.
+        self.on_failure: Callable[[list[Flow]], None] | None = None
         # The writer's stderr goes to a file, not the terminal (the UI owns it); close()
         # passes it on, and a crash's last line becomes last_error.
         self._stderr = tempfile.TemporaryFile(prefix="tapui-writer-")
@@ -738,11 +742,20 @@ class SessionWriter:
                 counters.last_error = self._last_error
         return counters
 
+    @property
+    def failure(self) -> str | None:
+        """Why the session stopped being written (the writer process died), else None."""
+        return self._fatal
+
     def listener(self, event: FlowEvent) -> None:
         """A FlowBus listener: safe from any thread, never blocks, wakes no one."""
         with self._lock:
             if self._open:
                 self._pending.append(event)
+                return
+            unsaved = self.on_failure if self._fatal else None
+        if unsaved is not None:
+            unsaved([event.flow])
 
     def attach(self, bus: FlowBus) -> None:
         self._bus = bus
@@ -820,7 +833,7 @@ class SessionWriter:
                 if not self._dead and (events or flushes):
                     self._send(stdin, events, flushes)
             except (OSError, ValueError):  # the process is gone (broken pipe)
-                self._died()
+                self._died(unsent=events)
             except Exception as exc:  # noqa: BLE001 - never lose the thread (and the session)
                 self._fail(f"could not send flows to the session writer: {exc}", drop=False)
             finally:
@@ -929,9 +942,9 @@ class SessionWriter:
 
     # -- the writer process failing --
 
-    def _died(self) -> None:
+    def _died(self, unsent: Iterable[FlowEvent] = ()) -> None:
         """The writer process ended or its pipe broke: an error unless it was told to end and
-        ended well. Events are dropped from then on."""
+        ended well. Events are dropped from then on (handed to `on_failure`, with `unsent`)."""
         with self._lock:
             if self._dead:
                 return
@@ -949,19 +962,23 @@ class SessionWriter:
         else:
             reason = f"the session writer exited with status {code}"
         last = self._stderr_tail().strip().splitlines()
-        self._fail(f"{reason}: {last[-1]}" if last else reason)
+        self._fail(f"{reason}: {last[-1]}" if last else reason, unsent=unsent)
 
-    def _fail(self, reason: str, *, drop: bool = True) -> None:
+    def _fail(self, reason: str, *, drop: bool = True, unsent: Iterable[FlowEvent] = ()) -> None:
         """Count an error; with `drop`, stop taking events (nothing will write them)."""
+        dropped: list[FlowEvent] = []
         with self._lock:
             self._errors += 1
             self._last_error = reason
             if drop:
                 self._fatal = self._fatal or reason
                 self._open = False
-                self._pending = []
+                dropped, self._pending = [*unsent, *self._pending], []
+            unsaved = self.on_failure
         if drop:
             self._release_waiters()
+            if unsaved is not None and dropped:
+                unsaved(list({event.flow.id: event.flow for event in dropped}.values()))
 
     def _release_waiters(self) -> None:
         with self._lock:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -28,6 +30,9 @@ from tapui.widgets.flow_list import FlowList
 from tapui.widgets.help_screen import HelpScreen
 from tapui.widgets.output_panel import OutputPanel, OutputReader
 from tapui.widgets.status_bar import StatusBar, retention_note
+
+if TYPE_CHECKING:
+    from engine.session import SessionWriter
 
 #: How often queued flow events and output lines are applied.
 TICK = 0.075
@@ -61,6 +66,7 @@ class TapuiApp(App[int]):
         flows: Iterable[Flow] = (),
         title: str = "tapui",
         store: FlowStore | SessionStore | None = None,
+        session: SessionWriter | None = None,
     ) -> None:
         super().__init__()
         self.title = title
@@ -75,6 +81,12 @@ class TapuiApp(App[int]):
         if bus is not None:
             # Subscribe now, not on mount: events emitted meanwhile wait in the queue.
             self.store.attach(bus)
+        #: The live session's writer, whose death turns the list over to memory.
+        self._session = session
+        self._unsaved: queue.SimpleQueue[list[Flow]] = queue.SimpleQueue()
+        self._session_note = ""  # says that flows are no longer saved
+        if session is not None:
+            session.on_failure = self._unsaved.put
 
     # --- layout -------------------------------------------------------------------------------
 
@@ -111,6 +123,9 @@ class TapuiApp(App[int]):
     def tick(self) -> None:
         """Apply what the engine and the command produced since the last tick, in one repaint."""
         with self.batch_update():
+            failure = self._session.failure if self._session is not None else None
+            if failure and not self._session_note:
+                self._keep_flows_in_memory(failure)
             if self.store.drain():
                 self.flow_list.sync()
                 if isinstance(self.screen, FlowDetail):
@@ -120,6 +135,36 @@ class TapuiApp(App[int]):
                 if lines:
                     self.output_panel.add_lines(lines)
             self.update_status()
+
+    def _keep_flows_in_memory(self, failure: str) -> None:
+        """The session writer died: list what it saved plus every flow since, from memory,
+        so the list goes on growing (the file no longer does)."""
+        old = self.store
+        memory = FlowStore()
+        if self.bus is not None:
+            memory.attach(self.bus)  # from now on the bus feeds the list directly
+        if self._session is not None:
+            self._session.on_failure = None
+        memory.add(old)  # what the session file has
+        while not self._unsaved.empty():  # what the writer could not save
+            memory.add(self._unsaved.get())
+        memory.set_sort(old.sort_key, old.sort_reverse)
+        memory.set_hide_raw(old.hide_raw)
+        try:
+            memory.set_filter(old.filter_expr)
+        except FilterError:
+            pass
+        if self.bus is not None:
+            old.detach(self.bus)
+        self.store = memory
+        self.flow_list.store = memory
+        self.flow_list.sync()
+        self._session_note = "session not saved: flows kept in memory"
+        self.notify(
+            f"Saving the session stopped: {failure}. Flows are still listed (kept in memory "
+            "from now on); press w to save them all as HAR.",
+            title="session not saved", severity="error", timeout=30,
+        )
 
     def update_status(self) -> None:
         status = self.status
@@ -140,7 +185,8 @@ class TapuiApp(App[int]):
             status, source=self.title, shown=store.view_len, total=len(store),
             total_bytes=store.total_bytes, filter_expr=store.filter_expr, sort=sort,
             follow=flows.follow, marked=len(flows.marked), hide_raw=store.hide_raw,
-            retention=retention_note(getattr(store, "counters", None)),
+            retention=" · ".join(filter(None, [
+                self._session_note, retention_note(getattr(store, "counters", None))])),
         ))
 
     def on_view_changed(self, message: ViewChanged) -> None:

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.addresses import HOST_ALIAS, parse_add_host
 from engine.capture import Capture, CaptureOptions
@@ -18,6 +19,9 @@ from engine.flow import EventKind, Flow, FlowBus, FlowEvent
 from engine.printer import LinePrinter
 from engine.runstatus import CommandState, RunStatus
 from engine.sandbox import TUN_ENV
+
+if TYPE_CHECKING:
+    from engine.session import SessionWriter
 
 EXAMPLES = f"""\
 examples:
@@ -268,9 +272,11 @@ def cmd_run(argv: list[str]) -> int:
     status = RunStatus(command=command)
     try:
         if args.no_ui:
+            if writer is not None:
+                writer.on_failure = _warn_once_when_saving_stops(writer)
             code = run_headless(options, bus, status, quiet=args.quiet)
         else:
-            code = run_with_ui(options, bus, status, writer.path if writer else None)
+            code = run_with_ui(options, bus, status, writer)
     finally:
         if jsonl_out is not None and jsonl_out is not sys.stdout:
             jsonl_out.close()
@@ -279,6 +285,20 @@ def cmd_run(argv: list[str]) -> int:
         if writer is not None:
             writer.close()
     return code
+
+
+def _warn_once_when_saving_stops(writer: SessionWriter):  # type: ignore[no-untyped-def]
+    """An on_failure for headless runs: one stderr line as soon as the session stops being
+    written (the flows' lines go on)."""
+    warned = threading.Event()
+
+    def warn(_flows: list[Flow]) -> None:
+        if not warned.is_set():
+            warned.set()
+            print(f"tapui: {writer.path}: saving the session stopped: {writer.failure}; "
+                  "exchanges are still shown here", file=sys.stderr)
+
+    return warn
 
 
 class Recorder:
@@ -341,7 +361,7 @@ async def _headless(capture: Capture) -> int:
 
 
 def run_with_ui(
-    options: CaptureOptions, bus: FlowBus, status: RunStatus, session_path: Path | None = None
+    options: CaptureOptions, bus: FlowBus, status: RunStatus, writer: SessionWriter | None = None
 ) -> int:
     import pty
 
@@ -377,11 +397,12 @@ def run_with_ui(
     thread = threading.Thread(target=engine_thread, name="tapui-engine", daemon=True)
     thread.start()
     store = None
-    if session_path is not None:  # the UI reads the session file: memory stays bounded
+    if writer is not None:  # the UI reads the session file: memory stays bounded
         from engine.session_store import SessionStore
 
-        store = SessionStore(session_path)
-    app = TapuiApp(bus=bus, status=status, title="tapui " + " ".join(options.argv), store=store)
+        store = SessionStore(writer.path)
+    app = TapuiApp(bus=bus, status=status, title="tapui " + " ".join(options.argv), store=store,
+                   session=writer)
     try:
         app.run()
     finally:

@@ -103,3 +103,45 @@ def test_sessions_lists_runs_and_survives_a_closed_pipe(http_port: int, tmp_path
         text=True, env=env, cwd=ROOT,
     )
     assert "Traceback" not in piped.stderr
+
+
+def test_headless_run_says_at_once_when_saving_stops_and_goes_on(
+    http_port: int, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    script = f"while [ ! -e {go} ]; do sleep 0.05; done; curl -s http://{HOST}:{http_port}/hello"
+    proc = subprocess.Popen(
+        tapui_command("--no-ui", "--save", str(tmp_path / "s.tapui"), "--", "sh", "-c", script),
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_children(proc.pid, 2)
+        writer = next(int(pid) for pid in _children(proc.pid)
+                      if b"engine.session_writer" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        os.kill(writer, signal.SIGKILL)
+        go.touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out == "hello from the host\n"
+    assert "saving the session stopped: the session writer was killed (SIGKILL)" in err
+    assert f"GET http://{HOST}:{http_port}/hello 200" in err  # the exchange is still shown
+
+
+def _children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+def _wait_for_children(pid: int, count: int, timeout: float = 30) -> None:
+    """Wait until tapui runs its command and its session writer."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(_children(pid)) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"tapui ({pid}) did not start its command and writer")
+        time.sleep(0.05)

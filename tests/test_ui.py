@@ -515,3 +515,35 @@ async def test_status_bar_says_when_max_body_size_cut_bodies(tmp_path: Path) -> 
             assert "3 bodies cut to --max-body-size" in str(app.query_one("#status").render())
     finally:
         store.close()
+
+
+@asynctest
+async def test_session_writer_death_keeps_the_list_growing_in_memory(tmp_path: Path) -> None:
+    """The list reads the live session file; when its writer process dies, the app says so
+    and lists every flow, saved or not, from memory."""
+    import signal
+
+    from engine.session import SessionWriter
+    from engine.session_store import SessionStore
+
+    bus = FlowBus()
+    writer = SessionWriter(tmp_path / "live.tapui", ["python3", "app.py"])
+    writer.attach(bus)
+    store = SessionStore(writer.path)
+    try:
+        app = TapuiApp(bus=bus, status=RunStatus(["python3", "app.py"], CommandState.RUNNING),
+                       store=store, session=writer)
+        async with app.run_test(size=SIZE) as pilot:
+            _emit_from_thread(bus, 1, 20).join()
+            await wait_for(pilot, lambda: app.store.view_len == 20)  # saved, then listed
+            os.kill(writer.child_pid, signal.SIGKILL)
+            await wait_for(pilot, lambda: writer.failure is not None)
+            _emit_from_thread(bus, 21, 15).join()
+            await wait_for(pilot, lambda: app.store.view_len == 35)
+            assert isinstance(app.store, FlowStore)
+            assert shown_ids(app) == list(range(1, 36))
+            assert "session not saved" in str(app.query_one("#status").render())
+            assert any("SIGKILL" in n.message for n in app._notifications)
+    finally:
+        writer.close()
+        store.close()
