@@ -9,6 +9,7 @@ the command's exit status.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import shutil
@@ -164,6 +165,9 @@ class Capture:
             if out is not None and cfg.stdin is not None:
                 os.close(cfg.stdin)
         self.status.pid = self.sandbox.pid
+        # What starting made (modules, the CA, the config) lives as long as tapui: frozen, it
+        # is left out of the garbage collector's full passes, ~20 ms pauses otherwise.
+        gc.freeze()
 
     def _foreground_tty(self) -> int | None:
         """stdin's fd when it is a terminal whose foreground process group is ours."""
