@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,22 @@ def run_tapui(
         **kwargs,  # type: ignore[arg-type]
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+@contextmanager
+def tapui_in_background(*args: str) -> Iterator[subprocess.Popen]:
+    """`tapui ARGS` started in the background (stdout and stderr piped, as text), killed if
+    it still runs when the block ends, so no test leaves one behind."""
+    proc = subprocess.Popen(
+        tapui_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def command_pid(tapui_pid: int) -> int:

@@ -16,13 +16,13 @@ from engine.addresses import GATEWAY_V4
 from tests import servers
 from tests.conftest import (
     HOST,
-    ROOT,
     client,
     command_pid,
     requires_root,
     run_measuring_peak_rss,
     run_tapui,
     tapui_command,
+    tapui_in_background,
 )
 
 pytestmark = pytest.mark.usefixtures("sandbox")
@@ -125,15 +125,10 @@ def test_uploads_recover_from_packets_dropped_before_the_stack(
     requires_root()  # entering the sandbox's network namespace to shrink its queue needs it
     go = tmp_path / "go"
     wait_then_run = f'while [ ! -e {go} ]; do sleep 0.05; done; "$@" && cat /proc/net/dev'
-    proc = subprocess.Popen(
-        tapui_command(
-            "--no-ui", "-q", "--", "sh", "-c", wait_then_run, "sh",
-            PY, client("stress.py"), GATEWAY_V4, str(digest_port), "20", "3",
-        ),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        cwd=ROOT,
-    )
-    try:
+    with tapui_in_background(
+        "--no-ui", "-q", "--", "sh", "-c", wait_then_run, "sh",
+        PY, client("stress.py"), GATEWAY_V4, str(digest_port), "20", "3",
+    ) as proc:
         child = _wait_for_command(proc.pid)
         subprocess.run(
             ["nsenter", f"--net=/proc/{child}/ns/net", PY, "-c", SHRINK_TUN_QUEUE],
@@ -141,10 +136,6 @@ def test_uploads_recover_from_packets_dropped_before_the_stack(
         )
         go.touch()
         out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert out.splitlines()[0] == "ok 20"
     tun = next(line for line in out.splitlines() if line.strip().startswith("tapui0:"))

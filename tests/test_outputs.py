@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HOST, ROOT, command_pid, run_tapui, tapui_command
+from tests.conftest import (
+    HOST,
+    ROOT,
+    command_pid,
+    run_tapui,
+    tapui_command,
+    tapui_in_background,
+)
 
 PY = sys.executable
 
@@ -33,22 +40,15 @@ def test_har_is_written_when_tapui_is_terminated_or_command_killed(
     http_port: int, tmp_path: Path, target: str
 ) -> None:
     har = tmp_path / "out.har"
-    proc = subprocess.Popen(
-        tapui_command("--no-ui", "--har", str(har), "--", PY, "-c", _request_then_wait(http_port)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        cwd=ROOT,
-    )
-    try:
+    with tapui_in_background(
+        "--no-ui", "--har", str(har), "--", PY, "-c", _request_then_wait(http_port)
+    ) as proc:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         if target == "tapui":
             proc.send_signal(signal.SIGTERM)
         else:
             os.kill(command_pid(proc.pid), signal.SIGKILL)
         code = proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert code == 128 + (signal.SIGTERM if target == "tapui" else signal.SIGKILL)
     entries = json.loads(har.read_text())["log"]["entries"]
     assert [e["request"]["url"] for e in entries] == [f"http://{HOST}:{http_port}/hello"]
@@ -110,22 +110,15 @@ def test_headless_run_says_at_once_when_saving_stops_and_goes_on(
 ) -> None:
     go = tmp_path / "go"
     script = f"while [ ! -e {go} ]; do sleep 0.05; done; curl -s http://{HOST}:{http_port}/hello"
-    proc = subprocess.Popen(
-        tapui_command("--no-ui", "--save", str(tmp_path / "s.tapui"), "--", "sh", "-c", script),
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with tapui_in_background(
+        "--no-ui", "--save", str(tmp_path / "s.tapui"), "--", "sh", "-c", script
+    ) as proc:
         _wait_for_children(proc.pid, 2)
         writer = next(int(pid) for pid in _children(proc.pid)
                       if b"engine.session_writer" in Path(f"/proc/{pid}/cmdline").read_bytes())
         os.kill(writer, signal.SIGKILL)
         go.touch()
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert out == "hello from the host\n"
     assert "saving the session stopped: the session writer was killed (SIGKILL)" in err

@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from engine.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TUN, EXIT_USERNS
-from tests.conftest import HOST, ROOT, requires_root, run_tapui, tapui_command
+from tests.conftest import (
+    HOST,
+    ROOT,
+    requires_root,
+    run_tapui,
+    tapui_command,
+    tapui_in_background,
+)
 
 PY = sys.executable
 
@@ -85,19 +92,11 @@ def test_signals_reach_the_command(signum: int, expected: int) -> None:
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"
     )
-    proc = subprocess.Popen(
-        tapui_command("--no-ui", "-q", "--", PY, "-c", code), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=ROOT,
-    )
-    try:
+    with tapui_in_background("--no-ui", "-q", "--", PY, "-c", code) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signum)
         assert proc.wait(30) == expected
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.usefixtures("sandbox")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HOST, ROOT, client, command_pid, requires_root, tapui_command
+from tests.conftest import HOST, ROOT, client, command_pid, requires_root, tapui_in_background
 
 pytestmark = pytest.mark.usefixtures("sandbox")
 
@@ -16,15 +16,9 @@ pytestmark = pytest.mark.usefixtures("sandbox")
 def test_malformed_packet_storm_during_transfer(tmp_path: Path, http_port: int) -> None:
     requires_root()  # entering the sandbox's network namespace to inject packets needs it
     stop = tmp_path / "stop"
-    proc = subprocess.Popen(
-        tapui_command(
-            "--no-ui", "--", sys.executable, client("transfer.py"), HOST, str(http_port),
-            str(stop),
-        ),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        cwd=ROOT,
-    )
-    try:
+    with tapui_in_background(
+        "--no-ui", "--", sys.executable, client("transfer.py"), HOST, str(http_port), str(stop)
+    ) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
         child = command_pid(proc.pid)
@@ -37,10 +31,6 @@ def test_malformed_packet_storm_during_transfer(tmp_path: Path, http_port: int) 
         assert proc.poll() is None  # tapui still runs
         stop.touch()
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert out.split()[0] == "ok" and int(out.split()[1]) >= 4
     assert "Traceback" not in err
