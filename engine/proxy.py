@@ -113,7 +113,7 @@ class AppSide:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         self.relay.from_app(data)
 
     def eof_received(self) -> None:
@@ -316,7 +316,7 @@ class Relay:
         if self.proxy.processes is not None:
             self.proxy.processes.lookup(self.info)
 
-    def from_app(self, data: bytes) -> None:
+    def from_app(self, data: bytes | memoryview) -> None:
         self.sent += len(data)
         mode = self.mode
         if mode == "plain":

@@ -105,7 +105,7 @@ class SendQueue:
 
 
 class Handler(Protocol):
-    def data_received(self, data: bytes) -> None: ...
+    def data_received(self, data: bytes | memoryview) -> None: ...
     def eof_received(self) -> None: ...
     def connection_lost(self, exc: Exception | None) -> None: ...
     def pause_writing(self) -> None: ...
@@ -589,12 +589,14 @@ class TcpConnection:
             self._close(None)
 
     def deliver(self) -> None:
-        """Hand the data received since the last delivery to the handler, in one piece."""
+        """Hand the data received since the last delivery to the handler, in one piece: a
+        single segment's payload as a view of its packet (not copied: handlers copy what
+        they keep, and a packet's bytes never change), several joined."""
         if not self.received:
             return
         chunks, self.received = self.received, []
         if self.handler is not None:
-            self.handler.data_received(chunks[0].tobytes() if len(chunks) == 1 else b"".join(chunks))
+            self.handler.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _close(self, exc: Exception | None, notify: bool = True) -> None:
         if self.state == "CLOSED":
