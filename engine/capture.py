@@ -28,7 +28,15 @@ from engine.netstack import Netstack
 from engine.procinfo import ProcessFinder
 from engine.proxy import Proxy, ProxyOptions
 from engine.runstatus import CommandState, RunStatus
-from engine.sandbox import DEFAULT_TUN, TUN_ENV, Sandbox, SandboxConfig, exit_status
+from engine.sandbox import (
+    DEFAULT_TUN,
+    TUN_ENV,
+    Helper,
+    Sandbox,
+    SandboxConfig,
+    exit_status,
+    foreground_tty,
+)
 
 #: System CA bundle paths that get the tapui CA appended inside the sandbox (those that exist).
 CA_BUNDLE_PATHS = [
@@ -80,6 +88,8 @@ class CaptureOptions:
     #: Command I/O: None inherits tapui's (headless); the UI passes a pty's slave fd.
     output_fd: int | None = None
     interactive: bool = True  # headless: the command keeps the terminal
+    #: A sandbox helper the CLI started before loading the rest of tapui (spawn_helper).
+    helper: Helper | None = None
 
 
 class Capture:
@@ -155,10 +165,11 @@ class Capture:
             stdin=os.open(os.devnull, os.O_RDONLY) if out is not None else None,
             stdout=out,
             stderr=out,
-            own_process_group=interactive and self._foreground_tty() is not None,
+            own_process_group=interactive and foreground_tty() is not None,
             new_session=out is not None,
         )
-        self.sandbox = Sandbox(cfg)
+        self.sandbox = Sandbox(cfg, self.options.helper)
+        self.options.helper = None  # the sandbox's now
         try:
             self.tun_fd = self.sandbox.start()
         finally:
@@ -168,15 +179,6 @@ class Capture:
         # What starting made (modules, the CA, the config) lives as long as tapui: frozen, it
         # is left out of the garbage collector's full passes, ~20 ms pauses otherwise.
         gc.freeze()
-
-    def _foreground_tty(self) -> int | None:
-        """stdin's fd when it is a terminal whose foreground process group is ours."""
-        try:
-            if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
-                return 0
-        except OSError:
-            return None
-        return None
 
     # ---- running ------------------------------------------------------------------------
 
@@ -212,7 +214,7 @@ class Capture:
         pidfd = os.pidfd_open(sandbox.pid)
         loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
         if sandbox.cfg.own_process_group:
-            self._tty_fd = self._foreground_tty()
+            self._tty_fd = foreground_tty()
             if self._tty_fd is not None:
                 os.tcsetpgrp(self._tty_fd, sandbox.pid)
         try:

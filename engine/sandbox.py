@@ -138,11 +138,63 @@ def resolve_command(argv: list[str], env: dict[str, str]) -> None:
         raise TapuiError(f"tapui: command not found: {name}", EXIT_NOT_FOUND)
 
 
+@dataclass
+class Helper:
+    """A sandbox helper process started before its config is known: its interpreter and
+    pyroute2 load while tapui loads itself and prepares the config."""
+
+    proc: subprocess.Popen
+    sock: socket.socket  # our end of its socketpair
+    new_session: bool
+    own_process_group: bool
+
+    def close(self) -> None:
+        """Not needed after all (it has been given nothing yet, so it just ends)."""
+        self.sock.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def spawn_helper(*, new_session: bool, own_process_group: bool) -> Helper:
+    """Start a sandbox helper (a fresh interpreter), in a new session for the UI (the command
+    writes to a pty) or in its own process group when it is to get the terminal."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.sandbox_helper", str(child.fileno())],
+            pass_fds=[child.fileno()],
+            env=env,
+            process_group=0 if own_process_group and not new_session else None,
+            start_new_session=new_session,
+        )
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return Helper(proc, parent, new_session, own_process_group)
+
+
+def foreground_tty() -> int | None:
+    """stdin's fd when it is a terminal whose foreground process group is ours."""
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+            return 0
+    except OSError:
+        return None
+    return None
+
+
 class Sandbox:
     """One sandboxed command: `start()` sets it up and returns the TUN fd, `go()` runs it."""
 
-    def __init__(self, cfg: SandboxConfig) -> None:
+    def __init__(self, cfg: SandboxConfig, helper: Helper | None = None) -> None:
         self.cfg = cfg
+        self._helper = helper  # started early (spawn_helper), else start() starts one
         self.proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self.netns_inode: int | None = None
@@ -156,25 +208,24 @@ class Sandbox:
 
     def start(self) -> int:
         cfg = self.cfg
-        resolve_command(cfg.argv, cfg.env)
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        helper, self._helper = self._helper, None
+        wanted = (cfg.new_session, cfg.own_process_group)
+        if helper is not None and (helper.new_session, helper.own_process_group) != wanted:
+            helper.close()  # started for another terminal setup
+            helper = None
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "engine.sandbox_helper", str(child.fileno())],
-                pass_fds=[child.fileno()],
-                env=env,
-                stdin=cfg.stdin,
-                stdout=cfg.stdout,
-                stderr=cfg.stderr,
-                process_group=0 if cfg.own_process_group and not cfg.new_session else None,
-                start_new_session=cfg.new_session,
-            )
-        finally:
-            child.close()
-        self._sock = parent
+            resolve_command(cfg.argv, cfg.env)
+        except BaseException:
+            if helper is not None:
+                helper.close()
+            raise
+        if helper is None:
+            helper = spawn_helper(new_session=cfg.new_session,
+                                  own_process_group=cfg.own_process_group)
+        self.proc, self._sock = helper.proc, helper.sock
+        parent = helper.sock
+        stdio = [(target, fd) for target, fd in ((0, cfg.stdin), (1, cfg.stdout), (2, cfg.stderr))
+                 if fd is not None]
         message = {
             "uid": os.getuid(),
             "gid": os.getgid(),
@@ -193,8 +244,14 @@ class Sandbox:
                 f"/proc/sys/net/ipv6/conf/{cfg.tun_name}/accept_ra": "0",
                 f"/proc/sys/net/ipv6/conf/{cfg.tun_name}/router_solicitations": "0",
             },
+            "stdio": [target for target, _fd in stdio],  # replaced by the fds sent along
         }
-        parent.sendall(json.dumps(message).encode() + b"\n")
+        payload = json.dumps(message).encode() + b"\n"
+        try:
+            sent = socket.send_fds(parent, [payload], [fd for _t, fd in stdio]) if stdio else 0
+            parent.sendall(payload[sent:])
+        except OSError:
+            pass  # the helper is gone: said below
         msg, fds, _flags, _addr = socket.recv_fds(parent, 65536, 2)
         if not fds:
             self.proc.wait()

@@ -1,7 +1,8 @@
 """The sandbox helper: a fresh, single-threaded interpreter that becomes the user's command.
 
-Run as `python -m engine.sandbox_helper FD` with FD one end of a socketpair. It reads its
-config (JSON) from the socket, unshares user + network + mount namespaces, maps the user's own
+Run as `python -m engine.sandbox_helper FD` with FD one end of a socketpair, as early as tapui
+can (its imports overlap tapui's). It reads its config (JSON, with the command's stdio as
+passed fds) from the socket, unshares user + network + mount namespaces, maps the user's own
 uid/gid, brings up `lo` and a TUN device, bind-mounts files over system paths, sends the TUN fd
 back, waits for "go" and execs the command. Any failure is reported on the socket as JSON
 ({"error": kind, "errno": n, "detail": text}) so the parent can explain it; on a successful
@@ -145,14 +146,26 @@ def report(sock: socket.socket, kind: str, err: int, detail: str) -> None:
         pass
 
 
-def run(sock: socket.socket) -> None:
-    raw = b""
-    while not raw.endswith(b"\n"):
+def read_config(sock: socket.socket) -> dict:
+    """The config (one JSON line); the command's stdin/stdout/stderr replacements, listed in
+    its "stdio", come with its first bytes and are put in place here."""
+    raw, fds, _flags, _addr = socket.recv_fds(sock, 65536, 3)
+    while raw and not raw.endswith(b"\n"):
         chunk = sock.recv(65536)
         if not chunk:
-            os._exit(1)
+            break
         raw += chunk
+    if not raw.endswith(b"\n"):
+        os._exit(1)  # tapui went away before configuring us
     cfg = json.loads(raw)
+    for target, fd in zip(cfg.get("stdio", []), fds, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    return cfg
+
+
+def run(sock: socket.socket) -> None:
+    cfg = read_config(sock)
     try:
         enter_namespaces(cfg["uid"], cfg["gid"])
         bind_mounts([tuple(m) for m in cfg["mounts"]])
@@ -193,6 +206,9 @@ def run(sock: socket.socket) -> None:
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(sock.fileno(), False)
+    # tapui starts us before it has loaded itself: pyroute2's import (about 0.15 s; it starts
+    # no thread, so unshare still works) runs meanwhile, not after the config arrives.
+    import pyroute2  # noqa: F401
     run(sock)
 
 

@@ -4,7 +4,6 @@ saved session, show the CA."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import sys
@@ -13,14 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.addresses import HOST_ALIAS, parse_add_host
-from engine.capture import Capture, CaptureOptions
 from engine.errors import EXIT_INTERNAL, EXIT_USAGE, TapuiError
 from engine.flow import EventKind, Flow, FlowBus, FlowEvent
 from engine.printer import LinePrinter
 from engine.runstatus import CommandState, RunStatus
-from engine.sandbox import TUN_ENV
+from engine.sandbox import TUN_ENV, foreground_tty, spawn_helper
 
 if TYPE_CHECKING:
+    from engine.capture import Capture, CaptureOptions
     from engine.session import SessionWriter
 
 EXAMPLES = f"""\
@@ -236,17 +235,6 @@ def cmd_run(argv: list[str]) -> int:
                 "exchanges are printed here, and the session saved (`tapui open` it later)",
                 file=sys.stderr,
             )
-    options = CaptureOptions(
-        argv=command,
-        tun_path=args.tun_device,
-        add_hosts=args.add_host,
-        keep_running=args.keep_running,
-        intercept_tls=not args.no_intercept,
-        insecure=args.insecure,
-        upstream_ca=args.upstream_ca,
-        ignore_hosts=args.ignore_hosts,
-        body_cap=args.max_body_size,
-    )
     for path in args.upstream_ca:
         if not os.path.isfile(path):
             parser.error(f"--upstream-ca {path}: no such file")
@@ -259,6 +247,33 @@ def cmd_run(argv: list[str]) -> int:
             parser.error(f"--ignore-hosts {pattern!r}: {exc}")
     if args.save and args.no_save:
         parser.error("--save and --no-save exclude each other")
+    # The sandbox helper starts now, so its interpreter and pyroute2 load while the rest of
+    # tapui does (about 0.15 s sooner to the command).
+    helper = spawn_helper(new_session=not args.no_ui,
+                          own_process_group=args.no_ui and foreground_tty() is not None)
+    options = None
+    try:
+        from engine.capture import CaptureOptions
+
+        options = CaptureOptions(
+            argv=command,
+            tun_path=args.tun_device,
+            add_hosts=args.add_host,
+            keep_running=args.keep_running,
+            intercept_tls=not args.no_intercept,
+            insecure=args.insecure,
+            upstream_ca=args.upstream_ca,
+            ignore_hosts=args.ignore_hosts,
+            body_cap=args.max_body_size,
+            helper=helper,
+        )
+        return _run(args, command, options)
+    finally:
+        if options is None or options.helper is not None:  # failed before the sandbox took it
+            helper.close()
+
+
+def _run(args: argparse.Namespace, command: list[str], options: CaptureOptions) -> int:
     bus = FlowBus()
     writer = None
     if not args.no_save:
@@ -340,6 +355,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 
 
 def run_headless(options: CaptureOptions, bus: FlowBus, status: RunStatus, quiet: bool) -> int:
+    from engine.capture import Capture
+
     capture = Capture(options, bus, status)
     if not quiet:
         printer = LinePrinter()
@@ -350,10 +367,14 @@ def run_headless(options: CaptureOptions, bus: FlowBus, status: RunStatus, quiet
     except BaseException:
         capture.cleanup()
         raise
+    import asyncio  # (loaded after the sandbox helper was started)
+
     return asyncio.run(_headless(capture))
 
 
 async def _headless(capture: Capture) -> int:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     for signum in FORWARDED_SIGNALS:
         loop.add_signal_handler(signum, capture.signal_command, signum)
@@ -363,8 +384,10 @@ async def _headless(capture: Capture) -> int:
 def run_with_ui(
     options: CaptureOptions, bus: FlowBus, status: RunStatus, writer: SessionWriter | None = None
 ) -> int:
+    import asyncio
     import pty
 
+    from engine.capture import Capture
     from tapui.app import TapuiApp
 
     master, slave = pty.openpty()
