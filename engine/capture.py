@@ -34,6 +34,7 @@ from engine.sandbox import (
     Helper,
     Sandbox,
     SandboxConfig,
+    command_placement,
     exit_status,
     foreground_tty,
 )
@@ -154,7 +155,8 @@ class Capture:
         if os.path.exists("/etc/resolv.conf"):
             mounts.append((str(resolv), os.path.realpath("/etc/resolv.conf")))
         out = self.options.output_fd
-        interactive = self.options.interactive and out is None
+        new_session, own_process_group = command_placement(
+            to_pty=out is not None, interactive=self.options.interactive)
         cfg = SandboxConfig(
             argv=self.options.argv,
             env=env,
@@ -165,8 +167,8 @@ class Capture:
             stdin=os.open(os.devnull, os.O_RDONLY) if out is not None else None,
             stdout=out,
             stderr=out,
-            own_process_group=interactive and foreground_tty() is not None,
-            new_session=out is not None,
+            own_process_group=own_process_group,
+            new_session=new_session,
         )
         self.sandbox = Sandbox(cfg, self.options.helper)
         self.options.helper = None  # the sandbox's now

@@ -179,6 +179,14 @@ def spawn_helper(*, new_session: bool, own_process_group: bool) -> Helper:
     return Helper(proc, parent, new_session, own_process_group)
 
 
+def command_placement(*, to_pty: bool, interactive: bool) -> tuple[bool, bool]:
+    """(new_session, own_process_group) for the command: a session of its own when its output
+    goes to the UI's pty; a process group of its own when it is to get the terminal (headless
+    and interactive, with tapui in the terminal's foreground). The CLI, starting the helper
+    early, and the Capture, configuring it, both ask here."""
+    return to_pty, interactive and not to_pty and foreground_tty() is not None
+
+
 def foreground_tty() -> int | None:
     """stdin's fd when it is a terminal whose foreground process group is ours."""
     try:

@@ -16,7 +16,7 @@ from engine.errors import EXIT_INTERNAL, EXIT_USAGE, TapuiError
 from engine.flow import EventKind, Flow, FlowBus, FlowEvent
 from engine.printer import LinePrinter
 from engine.runstatus import CommandState, RunStatus
-from engine.sandbox import TUN_ENV, foreground_tty, spawn_helper
+from engine.sandbox import TUN_ENV, command_placement, spawn_helper
 
 if TYPE_CHECKING:
     from engine.capture import Capture, CaptureOptions
@@ -249,8 +249,9 @@ def cmd_run(argv: list[str]) -> int:
         parser.error("--save and --no-save exclude each other")
     # The sandbox helper starts now, so its interpreter and pyroute2 load while the rest of
     # tapui does (about 0.15 s sooner to the command).
-    helper = spawn_helper(new_session=not args.no_ui,
-                          own_process_group=args.no_ui and foreground_tty() is not None)
+    new_session, own_process_group = command_placement(
+        to_pty=not args.no_ui, interactive=args.no_ui)
+    helper = spawn_helper(new_session=new_session, own_process_group=own_process_group)
     options = None
     try:
         from engine.capture import CaptureOptions
