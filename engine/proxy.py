@@ -40,6 +40,8 @@ UPSTREAM_HIGH_WATER = 2 * 1024 * 1024
 UPSTREAM_LOW_WATER = 512 * 1024
 #: Bytes read from an upstream socket at once (asyncio reads 256 KiB by default).
 READ_SIZE = 1024 * 1024
+#: Seconds a spare upstream ClientHello may wait for the connection that will use it.
+SPARE_TLS_MAX_AGE = 10.0
 # A fatal TLS alert (handshake_failure), sent to the app when the upstream handshake fails.
 TLS_ALERT_HANDSHAKE_FAILURE = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40])
 
@@ -79,6 +81,11 @@ class Proxy:
         self.alpn_chosen: dict[tuple[str, tuple[str, int], tuple[str, ...]], str | None] = {}
         #: upstream address -> (SNI, ALPN offered) of the last ClientHello intercepted for it
         self.last_hello: dict[tuple[str, int], tuple[str | None, tuple[str, ...]]] = {}
+        #: upstream address -> (SNI, ALPN), an upstream endpoint with its ClientHello ready
+        #: for the next connection there, and when it was made (see Relay._make_spare_tls_up)
+        self.spare_tls_up: dict[
+            tuple[str, int], tuple[tuple[str | None, tuple[str, ...]], TlsEndpoint, float]
+        ] = {}
 
     def claim_dns(self, address: str, answered: float) -> bool:
         """True once per DNS answer: only the first connection after it had to wait for it."""
@@ -385,21 +392,44 @@ class Relay:
     # ---- TLS interception -------------------------------------------------------------------
 
     def _prepare_upstream_tls(self) -> None:
-        """If the last TLS connection to this address was intercepted, make the upstream
-        endpoint for the same SNI and ALPN now, while the app writes its ClientHello.
+        """If the last TLS connection to this address was intercepted, have the upstream
+        endpoint for the same SNI and ALPN ready when the app's ClientHello arrives.
 
-        Offering a kept session costs ~0.3 ms (Python copies it through DER); with the first
-        flight computed too, the ClientHello that arrives only has to be compared. Nothing is
-        sent upstream before it is; a different one means the endpoint is made again."""
+        Offering a kept session costs ~0.4 ms (Python copies it through DER) and the first
+        flight ~0.2 ms: made here, that work would hold up the app's ClientHello, so the last
+        connection to the address left a spare made while tapui waited for its app (see
+        `_make_spare_tls_up`). Nothing is sent upstream before the ClientHello is compared;
+        a different one means the endpoint is made again."""
         guess = self.proxy.last_hello.get(self.info.upstream)  # type: ignore[arg-type]
         if guess is None:  # (only intercepted ClientHellos are remembered)
             return
+        spare = self.proxy.spare_tls_up.pop(self.info.upstream, None)  # type: ignore[arg-type]
+        if spare is not None and spare[0] == guess:
+            if time.monotonic() - spare[2] < SPARE_TLS_MAX_AGE:
+                self.early_tls_up = (guess, spare[1])
+                return
+        endpoint = self._early_tls_up(guess)
+        if endpoint is not None:
+            self.early_tls_up = (guess, endpoint)
+
+    def _early_tls_up(self, guess: tuple[str | None, tuple[str, ...]]) -> TlsEndpoint | None:
         try:
             endpoint = self._upstream_endpoint(*guess)
             endpoint.handshake()  # the ClientHello, held in the endpoint
         except (ssl.SSLError, ValueError):
-            return  # the real attempt reports it
-        self.early_tls_up = (guess, endpoint)
+            return None  # the real attempt reports it
+        return endpoint
+
+    def _make_spare_tls_up(self) -> None:
+        """Ready the next connection's upstream ClientHello now, while the app checks our
+        certificate (about 1 ms in which tapui has nothing to do for this connection)."""
+        address = self.info.upstream
+        guess = self.proxy.last_hello.get(address)  # type: ignore[arg-type]
+        if guess is None or address in self.proxy.spare_tls_up:
+            return
+        endpoint = self._early_tls_up(guess)
+        if endpoint is not None:
+            self.proxy.spare_tls_up[address] = (guess, endpoint, time.monotonic())  # type: ignore[index]
 
     def _upstream_endpoint(self, sni: str | None, alpn: tuple[str, ...]) -> TlsEndpoint:
         """tapui's client end of the upstream TLS, offering `alpn` (and a kept session)."""
@@ -498,6 +528,8 @@ class Relay:
         self._read_upstream()  # server bytes that came with its last handshake message
         data, self.pending = bytes(self.pending[self.app_fed:]), bytearray()
         self._tls_from_app(data)
+        if self.info.upstream not in self.proxy.spare_tls_up:
+            self.proxy.loop.call_soon(self._make_spare_tls_up)
 
     def _tls_failed(self, why: str) -> None:
         self._record_failure(why)
@@ -552,7 +584,10 @@ class Relay:
         ssl_object = self.tls_up.ssl_object
         ctx = ssl_object.context
         if isinstance(ctx, tls.ResumingContext) and ssl_object.server_hostname:
-            ctx.remember(ssl_object.server_hostname, ssl_object)
+            if ctx.remember(ssl_object.server_hostname, ssl_object):
+                # A spare made before this session was kept would not resume: make it again.
+                self.proxy.spare_tls_up.pop(self.info.upstream, None)  # type: ignore[arg-type]
+                self.proxy.loop.call_soon(self._make_spare_tls_up)
 
     def from_upstream(self, data: bytes) -> None:
         self.received += len(data)
