@@ -184,6 +184,7 @@ class Http1Observer:
         self._ws_client: FrameParser | None = None
         self._ws_server: FrameParser | None = None
         self._server_eof = False
+        self._announce: Flow | None = None  # a response head not yet told (see _announce_response)
         self._closed = False
 
     # -- StreamObserver -----------------------------------------------------------------------
@@ -225,6 +226,7 @@ class Http1Observer:
                     data = data[skip:]
             self._server_buf += data
             self._pump_responses()
+            self._announce_response()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -250,6 +252,7 @@ class Http1Observer:
             if reader is not None:
                 reader.read_eof()  # raises, unless the body is delimited by the close
                 self._response_end(h11.EndOfMessage())
+            self._announce_response()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -377,7 +380,14 @@ class Http1Observer:
         )
         flow.state = FlowState.RESPONSE
         ex.last_update = time.monotonic()
-        self.bus.update(flow)
+        self._announce = flow
+
+    def _announce_response(self) -> None:
+        """A response head goes out as an UPDATE once the bytes at hand are decoded, unless
+        the whole response came with it: then its DONE says it all, one event instead of two."""
+        flow, self._announce = self._announce, None
+        if flow is not None and not flow.finished:
+            self.bus.update(flow)
 
     def _body_progress(self, ex: _Exchange, data: bytes) -> None:
         flow = ex.flow
@@ -401,6 +411,7 @@ class Http1Observer:
         self._queue.popleft()
         if flow.response is None:
             self._on_response(ex, event)  # type: ignore[arg-type]
+        self._announce = None  # told below
         assert flow.response is not None
         upgrade = (header(flow.response.headers, "upgrade") or "").lower()
         if event.status_code != 101 or "websocket" not in upgrade:

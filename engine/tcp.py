@@ -170,6 +170,9 @@ class TcpConnection:
         self.rto = RTO_MIN
         self.retries = 0
         self.rto_timer: asyncio.TimerHandle | None = None
+        # When unacknowledged data times out (None: nothing outstanding). An ACK only moves
+        # this; a pending timer that fires early re-arms itself for it (see `_on_rto`).
+        self.rto_deadline: float | None = None
         self.persist_timer: asyncio.TimerHandle | None = None
         self.ack_timer: asyncio.TimerHandle | None = None  # a delayed ACK of the app's FIN
         self.persist_backoff = PERSIST_MIN
@@ -328,7 +331,7 @@ class TcpConnection:
                 return
             self.state = "OPEN"
             self.snd_una = pkt.ack
-            self._cancel_rto()
+            self.rto_deadline = None
             self.rto = RTO_MIN
             self.retries = 0
             if self.on_established is not None:
@@ -462,7 +465,7 @@ class TcpConnection:
             self.dup_acks = 0
             self.retries = 0
             self.rto = RTO_MIN
-            self._cancel_rto()
+            self.rto_deadline = None
             if self.snd_una != self.snd_max:
                 self._arm_rto()
             if self.writing_paused and self.get_write_buffer_size() < SND_BUF_HIGH // 2:
@@ -522,18 +525,32 @@ class TcpConnection:
             self._send(FIN | ACK, self.snd_una)
 
     def _arm_rto(self) -> None:
-        if self.rto_timer is None:
-            self.rto_timer = self.stack.loop.call_later(self.rto, self._on_rto)
+        """Time out the oldest unacknowledged segment `rto` from now, unless already timed."""
+        if self.rto_deadline is None:
+            self.rto_deadline = deadline = self.stack.loop.time() + self.rto
+            timer = self.rto_timer
+            if timer is not None and timer.when() > deadline:  # set before a backoff ended
+                timer.cancel()
+                timer = None
+            if timer is None:
+                self.rto_timer = self.stack.loop.call_at(deadline, self._on_rto)
 
     def _cancel_rto(self) -> None:
+        self.rto_deadline = None
         if self.rto_timer is not None:
             self.rto_timer.cancel()
             self.rto_timer = None
 
     def _on_rto(self) -> None:
+        """The timer: one per connection, moved lazily (an ACK per segment would otherwise
+        cancel and make a timer each time)."""
         self.rto_timer = None
-        if self.state == "CLOSED":
+        if self.state == "CLOSED" or self.rto_deadline is None:
             return
+        if self.stack.loop.time() < self.rto_deadline:
+            self.rto_timer = self.stack.loop.call_at(self.rto_deadline, self._on_rto)
+            return
+        self.rto_deadline = None
         self.retries += 1
         if self.retries > MAX_RETRIES:
             self.abort()

@@ -366,6 +366,22 @@ def test_malformed_chunk_size_marks_flow() -> None:
     assert c.kinds(flow).count(EventKind.DONE) == 1
 
 
+def test_response_head_is_announced_before_its_body_ends() -> None:
+    req = client_bytes(h11.Request(method="GET", target="/", headers=[("Host", "x.test")]))
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+    c = decode([("c", req), ("s", head + b"first"), ("s", b"later")])
+    (flow,) = c.flows
+    assert c.kinds(flow) == [EventKind.NEW, EventKind.UPDATE, EventKind.DONE]
+
+
+def test_a_whole_response_in_one_read_is_one_done_event() -> None:
+    req = client_bytes(h11.Request(method="GET", target="/", headers=[("Host", "x.test")]))
+    c = decode([("c", req), ("s", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")])
+    (flow,) = c.flows
+    assert c.kinds(flow) == [EventKind.NEW, EventKind.DONE]
+    assert flow.response.status == 200 and flow.response.body.read() == b"ok"
+
+
 def test_truncated_body_at_eof_marks_flow() -> None:
     req = client_bytes(h11.Request(method="GET", target="/", headers=[("Host", "x.test")]))
     resp = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b"
