@@ -218,8 +218,7 @@ class Relay:
         host, port = self.info.upstream  # type: ignore[misc]
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)  # (TCP_NODELAY: the transport sets it)
         err = sock.connect_ex((host, port))
         if err == 0:
             self._connected(sock)
@@ -268,7 +267,9 @@ class Relay:
         if make_transport is None:  # not a selector loop: the public (slower) way
             self.proxy.loop.create_task(self._wrap_connected(sock))
             return
-        self._use_transport(make_transport(sock, self.protocol))
+        # The peer's address is known: given, it spares the transport a getpeername call.
+        transport = make_transport(sock, self.protocol, extra={"peername": self.info.upstream})
+        self._use_transport(transport)
 
     async def _wrap_connected(self, sock: socket.socket) -> None:
         transport, _ = await self.proxy.loop.create_connection(lambda: self.protocol, sock=sock)

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -697,6 +697,10 @@ class SessionWriter:
         self._flushes: list[int] = []
         self._waiters: dict[int, threading.Event] = {}
         self._tokens = itertools.count(1)
+        # Flows of the batches piped to the writer and not yet reported done, by batch number:
+        # if the writer dies, they were never saved and go to `on_failure` with the rest.
+        self._unconfirmed: deque[tuple[int, list[Flow]]] = deque()
+        self._batches_sent = 0
         self._wake = threading.Event()
         self._open = True  # events are accepted
         self._closing = False
@@ -706,8 +710,8 @@ class SessionWriter:
         self._bus: FlowBus | None = None
         self._closed = False
         #: Called (from any thread) with the flows the writer can no longer save once it has
-        #: died: those it had not been sent, then each one as events come. A UI that lists
-        #: the session file keeps them in memory instead.
+        #: died: those it had not been sent or not yet committed, then each one as events
+        #: come. A UI that lists the session file keeps them in memory instead.
         self.on_failure: Callable[[list[Flow]], None] | None = None
         # The writer's stderr goes to a file, not the terminal (the UI owns it); close()
         # passes it on, and a crash's last line becomes last_error.
@@ -908,6 +912,9 @@ class SessionWriter:
                 self._frame(stdin, FRAME_CHUNK, token.to_bytes(8, "little"), data)
                 offset += len(data)
         self._frame(stdin, FRAME_BATCH, buf.getbuffer())
+        self._batches_sent += 1
+        with self._lock:
+            self._unconfirmed.append((self._batches_sent, [flow for flow, _ in batch]))
 
     @staticmethod
     def _frame(stdin: IO[bytes], kind: bytes, *parts: bytes | memoryview) -> None:
@@ -931,6 +938,9 @@ class SessionWriter:
                 with self._lock:
                     self._child = SessionCounters(
                         **{k: v for k, v in counters.items() if k in known})
+                    done = message.get("batches", 0)
+                    while self._unconfirmed and self._unconfirmed[0][0] <= done:
+                        self._unconfirmed.popleft()
             flushed = message.get("flushed")
             if flushed is not None:
                 with self._lock:
@@ -966,19 +976,22 @@ class SessionWriter:
 
     def _fail(self, reason: str, *, drop: bool = True, unsent: Iterable[FlowEvent] = ()) -> None:
         """Count an error; with `drop`, stop taking events (nothing will write them)."""
-        dropped: list[FlowEvent] = []
+        dropped: list[Flow] = []
         with self._lock:
             self._errors += 1
             self._last_error = reason
             if drop:
                 self._fatal = self._fatal or reason
                 self._open = False
-                dropped, self._pending = [*unsent, *self._pending], []
+                dropped = [flow for _, flows in self._unconfirmed for flow in flows]
+                dropped += [event.flow for event in [*unsent, *self._pending]]
+                self._unconfirmed.clear()
+                self._pending = []
             unsaved = self.on_failure
         if drop:
             self._release_waiters()
             if unsaved is not None and dropped:
-                unsaved(list({event.flow.id: event.flow for event in dropped}.values()))
+                unsaved(list({flow.id: flow for flow in dropped}.values()))
 
     def _release_waiters(self) -> None:
         with self._lock:

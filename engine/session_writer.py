@@ -3,9 +3,10 @@
 `SessionWriter` (engine.session) runs `python -m engine.session_writer PATH
 [--max-session-size N]` and pipes it frames (`engine.session.FRAME`): batches of pickled flows,
 the chunks of large bodies, flush tokens. Each batch is one transaction; after each commit one
-JSON line on stdout carries the counters (`{"counters": {...}}`), and a flush token is answered
-with `{"flushed": token}` once everything before it is committed. While no input comes, finished
-flows are added to the text index; a thread checkpoints the WAL beside the writes.
+JSON line on stdout carries the counters and how many batches are done (`{"counters": {...},
+"batches": N}`), and a flush token is answered with `{"flushed": token}` once everything before
+it is committed. While no input comes, finished flows are added to the text index; a thread
+checkpoints the WAL beside the writes.
 
 End of input, whether tapui closed the pipe or died (even by kill -9), means: commit what was
 received, index for up to `index_for` seconds (from the end frame; `INDEX_FOR` when tapui
@@ -89,6 +90,7 @@ class Writer:
         self.index_for = INDEX_FOR
         self._chunked: dict[int, Body] = {}  # token -> a large body arriving in chunks
         self._reporting = True
+        self.batches = 0  # batch frames taken (written, or counted as an error)
         # Checkpoints (and their fsyncs) run beside the writes, not in their way.
         self.db.conn.execute("PRAGMA wal_autocheckpoint = 0")
         self._stop_checkpoints = threading.Event()
@@ -112,6 +114,7 @@ class Writer:
                 token = int.from_bytes(payload[:8], "little")
                 self._chunked.setdefault(token, Body(cap=0)).append(memoryview(payload)[8:])
             elif kind == FRAME_BATCH:
+                self.batches += 1  # reported: tapui forgets the flows of batches done
                 self._batch(payload)
                 if db.counters.pending_index and not frames.ready():
                     self._guarded(db.index_pending)
@@ -212,7 +215,8 @@ class Writer:
         """One JSON line to tapui; once tapui is gone, nothing (the writing goes on)."""
         if not self._reporting:
             return
-        line = json.dumps({"counters": asdict(self.db.counters), **extra}) + "\n"
+        report = {"counters": asdict(self.db.counters), "batches": self.batches, **extra}
+        line = json.dumps(report) + "\n"
         try:
             os.write(1, line.encode())
         except OSError:  # broken pipe: tapui died

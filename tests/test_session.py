@@ -303,6 +303,38 @@ def test_killed_writer_process_leaves_the_engine_side_running(tmp_path: Path) ->
     store.close()
 
 
+def test_flows_piped_but_not_committed_when_the_writer_dies_are_handed_on(
+        tmp_path: Path) -> None:
+    """Nothing lost: flows already in the pipe of a writer that then dies are not in the
+    file, so they go to `on_failure` (the UI keeps them in memory) with later ones."""
+    bus = FlowBus()
+    writer = SessionWriter(tmp_path / "u.tapui", ["x"], interval=0.01)
+    handed: list[Flow] = []
+    writer.on_failure = handed.extend
+    writer.attach(bus)
+    saved = http_flow(0, b"{}")
+    emit(bus, saved)
+    writer.flush()
+    os.kill(writer.child_pid, signal.SIGSTOP)  # it reads nothing more, commits nothing more
+    piped = [http_flow(i, b"{}") for i in range(1, 4)]
+    for flow in piped:
+        emit(bus, flow)
+    deadline = time.monotonic() + 10
+    while writer.counters.queued and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.counters.queued == 0  # all sent down the pipe
+    os.kill(writer.child_pid, signal.SIGKILL)
+    while writer.failure is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    later = http_flow(4, b"{}")
+    emit(bus, later)
+    writer.close()
+    assert list(dict.fromkeys(f.id for f in handed)) == [f.id for f in [*piped, later]]
+    store = SessionStore(writer.path)
+    assert len(store) == 1 and store.view_flow(0).id == saved.id
+    store.close()
+
+
 def test_writer_process_inherits_no_fd_and_has_its_own_session(tmp_path: Path) -> None:
     """No TUN device or socket of the engine's leaks into it; Ctrl-C does not reach it."""
     r, w = os.pipe()
