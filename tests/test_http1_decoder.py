@@ -221,7 +221,9 @@ def test_keep_alive_three_requests(relay: RecordingRelay) -> None:
         assert f.response.status == 200 and f.response.reason == "OK"
         assert f.response.body.read() == f"hello /r{i}".encode()
         assert ("X-N", str(i)) in f.request.headers
-        assert c.kinds(f) == [EventKind.NEW, EventKind.UPDATE, EventKind.DONE]
+        kinds = c.kinds(f)  # (an UPDATE for the head only when the body came later)
+        assert kinds[0] is EventKind.NEW and kinds[-1] is EventKind.DONE
+        assert kinds.count(EventKind.DONE) == 1 and len(kinds) <= 3
         t = f.timings
         assert t.start <= t.request_sent <= t.first_byte <= t.done
 

@@ -198,6 +198,37 @@ def test_seccomp_denying_user_namespaces_explains_the_fix() -> None:
     assert "Traceback" not in proc.stderr
 
 
+def _apparmor_restricts_userns() -> None:
+    """What an Ubuntu 23.10+ user sees: kernel.apparmor_restrict_unprivileged_userns=1 (in a
+    private mount namespace, over a tmpfs on /proc/sys/kernel) and user namespaces refused."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                           ctypes.c_char_p]
+    clone_newns, ms_rec, ms_private = 0x00020000, 0x4000, 0x40000
+    if libc.unshare(clone_newns) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    if libc.mount(None, b"/", None, ms_rec | ms_private, None) != 0:  # nothing leaks out
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    if libc.mount(b"tmpfs", b"/proc/sys/kernel", b"tmpfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount tmpfs on /proc/sys/kernel")
+    Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").write_text("1\n")
+    _deny_unshare()
+
+
+def test_apparmor_restricting_user_namespaces_explains_the_fix() -> None:
+    requires_root()
+    proc = subprocess.run(
+        tapui_command("--no-ui", "--", "true"), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, stdin=subprocess.DEVNULL, preexec_fn=_apparmor_restricts_userns,
+    )
+    assert proc.returncode == EXIT_USERNS, proc.stderr
+    assert "AppArmor restricts unprivileged user namespaces" in proc.stderr
+    assert "sysctl kernel.apparmor_restrict_unprivileged_userns=0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @contextmanager
 def traversable_interpreter() -> Iterator[None]:
     """Let other users traverse (o+x, no listing) the directories above this interpreter and
