@@ -42,6 +42,8 @@ UPSTREAM_LOW_WATER = 512 * 1024
 READ_SIZE = 1024 * 1024
 #: Seconds a spare upstream ClientHello may wait for the connection that will use it.
 SPARE_TLS_MAX_AGE = 10.0
+#: Spares kept before stale ones are dropped (one per upstream address).
+MAX_SPARES = 64
 # A fatal TLS alert (handshake_failure), sent to the app when the upstream handshake fails.
 TLS_ALERT_HANDSHAKE_FAILURE = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40])
 
@@ -429,8 +431,13 @@ class Relay:
         if guess is None or address in self.proxy.spare_tls_up:
             return
         endpoint = self._early_tls_up(guess)
-        if endpoint is not None:
-            self.proxy.spare_tls_up[address] = (guess, endpoint, time.monotonic())  # type: ignore[index]
+        if endpoint is None:
+            return
+        spares, now = self.proxy.spare_tls_up, time.monotonic()
+        if len(spares) >= MAX_SPARES:  # many addresses: forget the stale ones
+            for key in [k for k, spare in spares.items() if now - spare[2] >= SPARE_TLS_MAX_AGE]:
+                del spares[key]
+        spares[address] = (guess, endpoint, now)  # type: ignore[index]
 
     def _upstream_endpoint(self, sni: str | None, alpn: tuple[str, ...]) -> TlsEndpoint:
         """tapui's client end of the upstream TLS, offering `alpn` (and a kept session)."""
