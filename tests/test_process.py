@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -186,16 +186,23 @@ def _deny_unshare() -> None:
         raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
 
 
-def test_seccomp_denying_user_namespaces_explains_the_fix() -> None:
-    """A container's seccomp profile (simulated with a filter that denies unshare)."""
+def refused_user_namespace(setup: Callable[[], None]) -> str:
+    """tapui's stderr when `setup` (run in its process before exec) makes user namespaces
+    fail; it must exit with EXIT_USERNS and no traceback."""
     proc = subprocess.run(
         tapui_command("--no-ui", "--", "true"), capture_output=True, text=True, timeout=60,
-        cwd=ROOT, stdin=subprocess.DEVNULL, preexec_fn=_deny_unshare,
+        cwd=ROOT, stdin=subprocess.DEVNULL, preexec_fn=setup,
     )
     assert proc.returncode == EXIT_USERNS, proc.stderr
-    assert "seccomp" in proc.stderr
-    assert "--security-opt seccomp=unconfined" in proc.stderr
     assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def test_seccomp_denying_user_namespaces_explains_the_fix() -> None:
+    """A container's seccomp profile (simulated with a filter that denies unshare)."""
+    stderr = refused_user_namespace(_deny_unshare)
+    assert "seccomp" in stderr
+    assert "--security-opt seccomp=unconfined" in stderr
 
 
 def _apparmor_restricts_userns() -> None:
@@ -219,14 +226,9 @@ def _apparmor_restricts_userns() -> None:
 
 def test_apparmor_restricting_user_namespaces_explains_the_fix() -> None:
     requires_root()
-    proc = subprocess.run(
-        tapui_command("--no-ui", "--", "true"), capture_output=True, text=True, timeout=60,
-        cwd=ROOT, stdin=subprocess.DEVNULL, preexec_fn=_apparmor_restricts_userns,
-    )
-    assert proc.returncode == EXIT_USERNS, proc.stderr
-    assert "AppArmor restricts unprivileged user namespaces" in proc.stderr
-    assert "sysctl kernel.apparmor_restrict_unprivileged_userns=0" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    stderr = refused_user_namespace(_apparmor_restricts_userns)
+    assert "AppArmor restricts unprivileged user namespaces" in stderr
+    assert "sysctl kernel.apparmor_restrict_unprivileged_userns=0" in stderr
 
 
 @contextmanager
