@@ -48,6 +48,44 @@ MAX_SPARES = 64
 TLS_ALERT_HANDSHAKE_FAILURE = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40])
 
 
+Address = tuple[str, int]
+Hello = tuple[str | None, tuple[str, ...]]  # (SNI, ALPN offered) of a ClientHello
+
+
+class SpareHellos:
+    """Upstream endpoints with their ClientHello ready, at most one per upstream address,
+    each for the next connection there (see Relay._make_spare_tls_up). A spare is good for
+    `SPARE_TLS_MAX_AGE` seconds, and only for the SNI and ALPN it was made for."""
+
+    def __init__(self) -> None:
+        self._spares: dict[Address, tuple[Hello, TlsEndpoint, float]] = {}
+
+    def __contains__(self, address: Address) -> bool:
+        return address in self._spares
+
+    def take(self, address: Address, hello: Hello) -> TlsEndpoint | None:
+        """The spare for `address` if it is fresh and made for `hello`; it is used up either
+        way."""
+        spare = self._spares.pop(address, None)
+        if spare is None or spare[0] != hello or self._stale(spare[2], time.monotonic()):
+            return None
+        return spare[1]
+
+    def keep(self, address: Address, hello: Hello, endpoint: TlsEndpoint) -> None:
+        now = time.monotonic()
+        if len(self._spares) >= MAX_SPARES:  # many addresses: forget the stale ones
+            for key in [k for k, spare in self._spares.items() if self._stale(spare[2], now)]:
+                del self._spares[key]
+        self._spares[address] = (hello, endpoint, now)
+
+    def drop(self, address: Address) -> None:
+        self._spares.pop(address, None)
+
+    @staticmethod
+    def _stale(made: float, now: float) -> bool:
+        return now - made >= SPARE_TLS_MAX_AGE
+
+
 @dataclass
 class ProxyOptions:
     intercept_tls: bool = True
@@ -82,12 +120,8 @@ class Proxy:
         #: (server name, upstream address, ALPN offered) -> ALPN the upstream chose last time
         self.alpn_chosen: dict[tuple[str, tuple[str, int], tuple[str, ...]], str | None] = {}
         #: upstream address -> (SNI, ALPN offered) of the last ClientHello intercepted for it
-        self.last_hello: dict[tuple[str, int], tuple[str | None, tuple[str, ...]]] = {}
-        #: upstream address -> (SNI, ALPN), an upstream endpoint with its ClientHello ready
-        #: for the next connection there, and when it was made (see Relay._make_spare_tls_up)
-        self.spare_tls_up: dict[
-            tuple[str, int], tuple[tuple[str | None, tuple[str, ...]], TlsEndpoint, float]
-        ] = {}
+        self.last_hello: dict[Address, Hello] = {}
+        self.spare_tls_up = SpareHellos()
 
     def claim_dns(self, address: str, answered: float) -> bool:
         """True once per DNS answer: only the first connection after it had to wait for it."""
@@ -179,7 +213,7 @@ class Relay:
         self.tls_up: TlsEndpoint | None = None  # tapui as the client of the upstream
         # An upstream endpoint made ahead of the app's ClientHello, for the SNI and ALPN the
         # last one to this address had: ((SNI, ALPN), endpoint with its ClientHello ready).
-        self.early_tls_up: tuple[tuple[str | None, tuple[str, ...]], TlsEndpoint] | None = None
+        self.early_tls_up: tuple[Hello, TlsEndpoint] | None = None
         self.tls_app: TlsEndpoint | None = None  # tapui as the app's server
         self.hello: tls.ClientHello | None = None
         self.app_flight_alpn: str | None = None  # the ALPN of a server flight prepared early
@@ -406,16 +440,13 @@ class Relay:
         guess = self.proxy.last_hello.get(self.info.upstream)  # type: ignore[arg-type]
         if guess is None:  # (only intercepted ClientHellos are remembered)
             return
-        spare = self.proxy.spare_tls_up.pop(self.info.upstream, None)  # type: ignore[arg-type]
-        if spare is not None and spare[0] == guess:
-            if time.monotonic() - spare[2] < SPARE_TLS_MAX_AGE:
-                self.early_tls_up = (guess, spare[1])
-                return
-        endpoint = self._early_tls_up(guess)
+        endpoint = self.proxy.spare_tls_up.take(self.info.upstream, guess)  # type: ignore[arg-type]
+        if endpoint is None:
+            endpoint = self._early_tls_up(guess)
         if endpoint is not None:
             self.early_tls_up = (guess, endpoint)
 
-    def _early_tls_up(self, guess: tuple[str | None, tuple[str, ...]]) -> TlsEndpoint | None:
+    def _early_tls_up(self, guess: Hello) -> TlsEndpoint | None:
         try:
             endpoint = self._upstream_endpoint(*guess)
             endpoint.handshake()  # the ClientHello, held in the endpoint
@@ -431,13 +462,8 @@ class Relay:
         if guess is None or address in self.proxy.spare_tls_up:
             return
         endpoint = self._early_tls_up(guess)
-        if endpoint is None:
-            return
-        spares, now = self.proxy.spare_tls_up, time.monotonic()
-        if len(spares) >= MAX_SPARES:  # many addresses: forget the stale ones
-            for key in [k for k, spare in spares.items() if now - spare[2] >= SPARE_TLS_MAX_AGE]:
-                del spares[key]
-        spares[address] = (guess, endpoint, now)  # type: ignore[index]
+        if endpoint is not None:
+            self.proxy.spare_tls_up.keep(address, guess, endpoint)  # type: ignore[arg-type]
 
     def _upstream_endpoint(self, sni: str | None, alpn: tuple[str, ...]) -> TlsEndpoint:
         """tapui's client end of the upstream TLS, offering `alpn` (and a kept session)."""
@@ -594,7 +620,7 @@ class Relay:
         if isinstance(ctx, tls.ResumingContext) and ssl_object.server_hostname:
             if ctx.remember(ssl_object.server_hostname, ssl_object):
                 # A spare made before this session was kept would not resume: make it again.
-                self.proxy.spare_tls_up.pop(self.info.upstream, None)  # type: ignore[arg-type]
+                self.proxy.spare_tls_up.drop(self.info.upstream)  # type: ignore[arg-type]
                 self.proxy.loop.call_soon(self._make_spare_tls_up)
 
     def from_upstream(self, data: bytes) -> None:
