@@ -124,6 +124,37 @@ def test_flows_in_progress_are_written_and_then_finished(tmp_path: Path) -> None
     store.close()
 
 
+def test_a_stream_of_flows_goes_in_few_large_batches_and_a_lone_flow_goes_at_once(
+        tmp_path: Path) -> None:
+    bus = FlowBus()
+    writer = SessionWriter(tmp_path / "s.tapui", ["x"], interval=0.01, busy_interval=0.4,
+                           rows=100_000)  # (a batch is never split for its size here)
+    writer.attach(bus)
+    store = SessionStore(writer.path)
+    # 100 flows every 10 ms: a batch every 10 ms at the quiet interval.
+    started = time.monotonic()
+    for i in range(10_000):
+        emit(bus, http_flow(i, b"{}"))
+        if i % 100 == 99:
+            time.sleep(0.01)
+    streamed = time.monotonic() - started
+    writer.flush()
+    assert writer.batches_sent <= streamed / 0.4 + 3
+    # Once the stream has stopped, a lone flow is written within the quiet interval.
+    time.sleep(0.5)  # one busy wait passes; the next batch is empty, so quiet again
+    time.sleep(0.1)
+    before = writer.batches_sent
+    emit(bus, http_flow(10_000, b"{}"))
+    deadline = time.monotonic() + 0.3
+    while writer.batches_sent == before and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert writer.batches_sent == before + 1
+    writer.close()
+    store.drain()
+    assert store.view_len == 10_001
+    store.close()
+
+
 WRITER_SCRIPT = textwrap.dedent("""
     import hashlib, sys, time
     from engine.flow import Body, Connection, Flow, FlowBus, Request, Response
@@ -157,13 +188,14 @@ def test_kill_9_of_a_writer_process_loses_no_finished_flow(tmp_path: Path) -> No
     for line in proc.stdout:
         i, t = line.split()
         finished.append((int(i), float(t)))
-        if len(finished) >= 2000:
+        if len(finished) >= 4000:
             break
     proc.send_signal(signal.SIGKILL)
     killed_at = time.time()
     proc.wait()
-    # Every flow finished at least one commit interval (plus slack) before the kill is there.
-    settled = [i for i, t in finished if t < killed_at - session.BATCH_INTERVAL - 0.25]
+    # Every flow finished at least one commit interval (plus slack) before the kill is there:
+    # flows stream in, so batches go every BUSY_INTERVAL.
+    settled = [i for i, t in finished if t < killed_at - session.BUSY_INTERVAL - 0.25]
     assert len(settled) > 1000
     store = SessionStore(path)
     by_i = {}
