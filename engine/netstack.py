@@ -186,7 +186,7 @@ class Netstack:
         if self._acks:
             acks, self._acks = self._acks, set()
             for conn in acks:
-                conn.send_ack()
+                conn.ack_batch()
 
     def _packet(self, buf: memoryview) -> None:
         pkt = packets.parse(buf)

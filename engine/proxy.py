@@ -34,6 +34,10 @@ CONNECT_TIMEOUT = 30.0
 #: A DNS answer counts as a connection's DNS phase when the SYN follows within this many seconds.
 DNS_PHASE_WINDOW = 2.0
 SNIFF_LIMIT = 16 * 1024
+#: How long the first bytes may leave the protocol open (a prefix of "POST", a word and a space,
+#: part of a TLS record) before they are relayed as they are: an app that sent a short message
+#: of its own protocol waits for an answer, and must get one.
+SNIFF_WAIT = 0.3
 # The upstream buffer's marks sit well below the app's window (tcp.RCV_BUF, 4 MiB): asyncio
 # pauses us before the window closes, and its resume_writing() is our cue to reopen it.
 UPSTREAM_HIGH_WATER = 2 * 1024 * 1024
@@ -210,6 +214,7 @@ class Relay:
         self.observer: StreamObserver | None = None
         self.mode = "sniff"  # sniff -> plain | tls-handshake -> tls | closed
         self.pending = bytearray()  # app bytes held while sniffing or handshaking
+        self.sniff_timer: asyncio.TimerHandle | None = None  # see SNIFF_WAIT
         self.tls_up: TlsEndpoint | None = None  # tapui as the client of the upstream
         # An upstream endpoint made ahead of the app's ClientHello, for the SNI and ALPN the
         # last one to this address had: ((SNI, ALPN), endpoint with its ClientHello ready).
@@ -394,6 +399,7 @@ class Relay:
         buf = bytes(self.pending)
         kind = sniff.classify(buf)
         if kind == "need-more" and len(buf) < SNIFF_LIMIT:
+            self._wait_for_more()
             return
         if kind == "tls" and self.proxy.options.intercept_tls and self.proxy.ca is not None:
             try:
@@ -403,6 +409,7 @@ class Relay:
                 kind = "unknown"
             if hello is None and kind == "tls":
                 if len(buf) < SNIFF_LIMIT * 4:
+                    self._wait_for_more()
                     return  # the ClientHello spans more segments
                 kind = "unknown"
             if hello is not None:
@@ -416,6 +423,18 @@ class Relay:
         if kind == "tls":
             kind = "unknown"
         self._go_plain(kind if kind in ("http1", "h2") else "unknown", "http")
+
+    def _wait_for_more(self) -> None:
+        if self.sniff_timer is None:
+            self.sniff_timer = self.proxy.loop.call_later(SNIFF_WAIT, self._sniff_timed_out)
+
+    def _sniff_timed_out(self) -> None:
+        """No more bytes came to tell the protocol: relay these, decoded as HTTP/1 if they
+        begin like a request, else as raw TCP."""
+        self.sniff_timer = None
+        if self.mode == "sniff" and self.pending:
+            self._go_plain("http1" if sniff.begins_like_http(bytes(self.pending)) else "unknown",
+                           "http")
 
     def _go_plain(self, kind: str, scheme: str) -> None:
         self.mode = "plain"

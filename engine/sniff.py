@@ -54,6 +54,14 @@ def classify(first_bytes: bytes) -> Kind:
     return "unknown"
 
 
+def begins_like_http(first_bytes: bytes) -> bool:
+    """The bytes so far start a request with a known method (or part of one)."""
+    space = first_bytes.find(b" ", 0, _MAX_METHOD + 1)
+    if space > 0:
+        return first_bytes[:space] in METHODS
+    return 0 < len(first_bytes) <= _MAX_METHOD and any(m.startswith(first_bytes) for m in METHODS)
+
+
 class RawObserver:
     """One TCP (or UDP) flow per connection that counts the bytes each way."""
 

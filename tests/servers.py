@@ -104,6 +104,19 @@ class HoldOpenHandler(socketserver.BaseRequestHandler):
         self.release.wait(30)
 
 
+class EchoHandler(socketserver.BaseRequestHandler):
+    """Sends back whatever arrives, as it arrives, until the client's FIN."""
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        while data := sock.recv(1 << 16):
+            sock.sendall(data)
+
+
+def echo_server() -> _ThreadingServer:
+    return _ThreadingServer(("127.0.0.1", 0), EchoHandler)
+
+
 def hold_open_server(release: threading.Event) -> _ThreadingServer:
     return _ThreadingServer(
         ("127.0.0.1", 0), type("Handler", (HoldOpenHandler,), {"release": release})

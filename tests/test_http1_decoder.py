@@ -17,7 +17,7 @@ import pytest
 
 from engine.flow import Connection, EventKind, Flow, FlowBus, FlowEvent, FlowKind, FlowState
 from engine.http1 import Http1Observer
-from engine.sniff import RawObserver, classify, make_observer
+from engine.sniff import RawObserver, begins_like_http, classify, make_observer
 
 LOCAL = "127.0.0.1"
 
@@ -567,6 +567,13 @@ def test_classify() -> None:
     assert classify(b"FOOBAR /x HTTP/1.1\r\n") == "http1"
     assert classify(b"SSH-2.0-OpenSSH_9.6\r\n") == "unknown"
     assert classify(b"\x00\x01\x02garbage") == "unknown"
+
+
+def test_bytes_left_open_are_guessed_http_only_when_they_begin_a_known_method() -> None:
+    assert classify(b"message 0000") == "need-more"  # a token and a space: a method, maybe
+    assert not begins_like_http(b"message 0000")
+    assert begins_like_http(b"GE") and begins_like_http(b"POST /upl")
+    assert not begins_like_http(b"\x16\x03") and not begins_like_http(b"")
 
 
 def test_raw_observer_counts_bytes() -> None:

@@ -176,6 +176,37 @@ def test_apps_fin_is_acknowledged_while_the_server_stays_open() -> None:
     assert result.stdout.strip() == "fin acked"
 
 
+def test_the_ack_of_a_small_message_rides_on_the_reply() -> None:
+    with servers.running(servers.echo_server()) as port:
+        result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "ack-rides-reply", HOST,
+                           str(port))
+    assert result.returncode == 0, result.stderr
+    label, per_exchange = result.stdout.strip().rsplit(" ", 1)
+    assert label == "segments per exchange"
+    assert float(per_exchange) < 1.5  # 2.0 when every message gets an ACK of its own
+
+
+def test_a_short_first_message_of_unclear_protocol_is_relayed() -> None:
+    with servers.running(servers.echo_server()) as port:
+        result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "short-message", HOST,
+                           str(port))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "echo message 0000"
+    assert "tcp " in result.stderr and "received 12 B" in result.stderr  # a raw TCP flow
+
+
+def test_a_small_message_without_reply_is_still_acknowledged() -> None:
+    release = threading.Event()
+    with servers.running(servers.hold_open_server(release)) as port:
+        try:
+            result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "small-data-acked",
+                               HOST, str(port))
+        finally:
+            release.set()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "unacked 0 retransmitted 0"
+
+
 def test_refused_port_is_refused_inside() -> None:
     port = servers.free_port()
     result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "connect", HOST, str(port), "4")

@@ -46,6 +46,47 @@ def fin_acked(host: str, port: str) -> None:
         print(f"fin not acked in time (state {state}, {retransmitted} retransmissions)")
 
 
+def _segments_in(s: socket.socket) -> int:
+    return struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144), 140)[0]
+
+
+def ack_rides_reply(host: str, port: str) -> None:
+    """Twenty small exchanges with an echo server: the ACK of each message comes on its reply,
+    not in a segment of its own, so about one segment arrives per exchange (two without)."""
+    with socket.create_connection((host, int(port))) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(20):
+            message = f"<message {i:04d}>".encode()  # raw TCP from its first byte
+            s.sendall(message)
+            reply = b""
+            while len(reply) < len(message):
+                reply += s.recv(100)
+            assert reply == message, reply
+        segments = _segments_in(s) - 1  # the SYN-ACK
+    print("segments per exchange", round(segments / 20, 2))
+
+
+def short_message(host: str, port: str) -> None:
+    """A first message that could still begin an HTTP request ("message " might be a method)
+    and no newline: the app waits for the echo, and gets it."""
+    with socket.create_connection((host, int(port))) as s:
+        s.settimeout(5)
+        s.sendall(b"message 0000")
+        print("echo", s.recv(100).decode())
+
+
+def small_data_acked(host: str, port: str) -> None:
+    """A message the server never answers is still acknowledged, soon: nothing stays unacked
+    and nothing is sent twice."""
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"no reply to this")
+        time.sleep(0.2)
+        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        unacked, retransmitted = struct.unpack_from("I", info, 24)[0], struct.unpack_from(
+            "I", info, 100)[0]
+    print("unacked", unacked, "retransmitted", retransmitted)
+
+
 def connect(host: str, port: str, family: str = "any") -> None:
     fam = {"any": 0, "4": socket.AF_INET, "6": socket.AF_INET6}[family]
     info = socket.getaddrinfo(host, int(port), fam, socket.SOCK_STREAM)[0]
