@@ -581,8 +581,7 @@ class Relay:
         self._read_upstream()  # server bytes that came with its last handshake message
         data, self.pending = bytes(self.pending[self.app_fed:]), bytearray()
         self._tls_from_app(data)
-        if self.info.upstream not in self.proxy.spare_tls_up:
-            self.proxy.loop.call_soon(self._make_spare_tls_up)
+        self.proxy.loop.call_soon(self._make_spare_tls_up)  # (unless there is a spare)
 
     def _tls_failed(self, why: str) -> None:
         self._record_failure(why)

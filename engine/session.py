@@ -80,7 +80,7 @@ BATCH_INTERVAL = 0.05
 #: `BUSY_INTERVAL` instead: every commit rewrites the last page of each index, so many small
 #: transactions cost the writer (and the machine) far more than a few large ones. At 1,000
 #: small flows a second this halves the bytes written, and the latency tapui adds to the
-#: captured command's connections drops by about 0.07 ms.
+#: captured command's connections drops by about 0.08 ms.
 BUSY_INTERVAL = 0.5
 BUSY_EVENTS = 32
 BATCH_ROWS = 500
@@ -672,8 +672,9 @@ class SessionWriter:
     The bus listener only appends the event to a list (the engine never blocks, and no thread
     wakes per event); a sender thread, every `interval` seconds (`busy_interval` after a batch
     of `BUSY_EVENTS` events or more), coalesces the events per flow and pipes them, pickled,
-    to the writer process, which commits each batch (at most `rows` flows) as one transaction. If tapui dies, even by kill -9, the writer process still
-    commits everything it was sent.
+    to the writer process, which commits each batch (at most `rows` flows) as one
+    transaction. If tapui dies, even by kill -9, the writer process still commits everything
+    it was sent.
     """
 
     def __init__(self, path: str | os.PathLike[str], command: Iterable[str] = (), *,

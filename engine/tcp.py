@@ -181,7 +181,7 @@ class TcpConnection:
         # this; a pending timer that fires early re-arms itself for it (see `_on_rto`).
         self.rto_deadline: float | None = None
         self.persist_timer: asyncio.TimerHandle | None = None
-        self.ack_timer: asyncio.TimerHandle | None = None  # a delayed ACK of the app's FIN
+        self.ack_timer: asyncio.TimerHandle | None = None  # a delayed ACK (FIN, little data)
         self.persist_backoff = PERSIST_MIN
         self.dup_acks = 0
         self.last_window_sent = 0
