@@ -45,7 +45,7 @@ def socket_inode(diag: socket.socket, client: tuple[str, int], server: tuple[str
         try:
             diag.send(msg)
             reply = diag.recv(8192)
-        except OSError:
+        except OSError:  # (BlockingIOError too: no answer came with the send)
             return None
         if len(reply) < _NLMSG.size:
             continue
@@ -99,7 +99,9 @@ class ProcessFinder:
         self._commands: dict[int, str | None] = {}
         self._last: tuple[int, str] | None = None  # (pid, fd) of the last socket found
         if diag is not None:
-            diag.settimeout(0.5)
+            # The kernel answers a sock_diag request within the send: no wait is ever needed
+            # (and a blocking socket would poll before each send and receive).
+            diag.setblocking(False)
 
     def lookup(self, info: Connection) -> None:
         """Fill in info.pid and info.command, if the app's socket is still open."""

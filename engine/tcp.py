@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import struct
 from collections.abc import Callable
 from typing import Protocol
@@ -19,6 +20,9 @@ from engine import packets
 from engine.packets import ACK, FIN, PSH, RST, SYN
 
 log = logging.getLogger(__name__)
+#: Initial sequence numbers: unpredictable enough for a private TUN link, without a getrandom
+#: system call per connection.
+_isn = random.Random(os.urandom(16))
 MASK = 0xFFFFFFFF
 RCV_BUF = 4 * 1024 * 1024  # most we let the app send ahead of the upstream
 SND_BUF_HIGH = 4 * 1024 * 1024  # pause the upstream reader above this many unacked bytes
@@ -160,7 +164,7 @@ class TcpConnection:
         self.our_wscale = OUR_WSCALE if self.wscale_ok else 0
         self.sack_ok = sack_ok  # the app takes SACK blocks: we tell it which segments we hold
         self.rcv_nxt = (irs + 1) & MASK
-        self.iss = int.from_bytes(os.urandom(4), "big")
+        self.iss = _isn.getrandbits(32)
         self.snd_una = self.iss
         self.snd_nxt = (self.iss + 1) & MASK  # SYN takes one sequence number
         self.snd_max = self.snd_nxt  # highest sequence number sent so far
