@@ -26,6 +26,7 @@ from engine.flow import Connection, ConnectionSummary, FlowBus, Timings, next_co
 from engine.observer import StreamObserver
 from engine.tcp import TcpConnection
 from engine.tls_endpoint import TlsEndpoint
+from engine.upstream import UpstreamTransport
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class Relay:
     def __init__(self, proxy: Proxy, conn: TcpConnection) -> None:
         self.proxy = proxy
         self.app = conn
-        self.upstream: asyncio.Transport | None = None
+        self.upstream: UpstreamTransport | None = None
         self.protocol = UpstreamSide(self)
         self.observer: StreamObserver | None = None
         self.mode = "sniff"  # sniff -> plain | tls-handshake -> tls | closed
@@ -310,22 +311,10 @@ class Relay:
         if self.app.state == "CLOSED":  # the app gave up while we dialled
             sock.close()
             return
-        make_transport = getattr(self.proxy.loop, "_make_socket_transport", None)
-        if make_transport is None:  # not a selector loop: the public (slower) way
-            self.proxy.loop.create_task(self._wrap_connected(sock))
-            return
-        # The peer's address is known: given, it spares the transport a getpeername call.
-        transport = make_transport(sock, self.protocol, extra={"peername": self.info.upstream})
-        self._use_transport(transport)
-
-    async def _wrap_connected(self, sock: socket.socket) -> None:
-        transport, _ = await self.proxy.loop.create_connection(lambda: self.protocol, sock=sock)
-        self._use_transport(transport)  # type: ignore[arg-type]
-
-    def _use_transport(self, transport: asyncio.Transport) -> None:
-        self.upstream = transport
-        transport.set_write_buffer_limits(high=UPSTREAM_HIGH_WATER, low=UPSTREAM_LOW_WATER)
-        transport.max_size = READ_SIZE  # type: ignore[attr-defined]
+        self.upstream = UpstreamTransport(
+            self.proxy.loop, sock, self.protocol, READ_SIZE, UPSTREAM_HIGH_WATER,
+            UPSTREAM_LOW_WATER,
+        )
         self.app.accept(AppSide(self))
         self._find_process()
         self._prepare_upstream_tls()
