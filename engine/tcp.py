@@ -35,13 +35,13 @@ PERSIST_MIN = 0.2
 #: Linux, which enters delayed-ACK mode on a FIN: the upstream usually closes within a
 #: fraction of a millisecond, and one segment then does the work of two.
 FIN_ACK_DELAY = 0.04
-#: How long the ACK of a little data (at most `DELAYED_ACK_BYTES` since the last ACK: a
-#: request, most often) may wait for the reply to carry it. The upstream's answer usually comes
-#: first, and the exchange then costs one packet less through the TUN device. Bulk data is
-#: ACKed at once; the delay is far below Linux's own (40 ms), so a client that waits for the
-#: ACK before sending more (Nagle) loses at most this.
+#: How long the ACK of less than two full-sized segments may wait for the reply (or more data)
+#: to carry it. As in Linux, which ACKs at least every second full-sized segment: a request's
+#: ACK then usually rides on the upstream's answer, and a bulk upload (a 64 KiB write comes as
+#: a 65,480 and a 56 byte segment) takes one ACK per two writes instead of one per write, each
+#: a packet less through the TUN device. The delay is far below Linux's own (40 ms), so a
+#: client that waits for the ACK before sending more (Nagle) loses at most this.
 DATA_ACK_DELAY = 0.001
-DELAYED_ACK_BYTES = 4096
 MAX_OUT_OF_ORDER = 256  # segments held beyond a hole
 
 
@@ -116,7 +116,7 @@ class SendQueue:
 
 
 class Handler(Protocol):
-    def data_received(self, data: bytes | memoryview) -> None: ...
+    def data_received(self, parts: list[memoryview]) -> None: ...
     def eof_received(self) -> None: ...
     def connection_lost(self, exc: Exception | None) -> None: ...
     def pause_writing(self) -> None: ...
@@ -193,6 +193,8 @@ class TcpConnection:
         self.syn_packet: bytes | None = None  # quoted in an ICMP unreachable answer
         self.received: list[memoryview] = []  # in-order data not yet handed to the handler
         self.ack_owed = 0  # bytes taken in since the last ACK we sent
+        self.rcv_mss = 65520 - (40 if len(src) == 4 else 60)  # the TUN's MTU less IP and TCP
+        self.ack_every = 2 * self.rcv_mss  # bytes owed that are ACKed without delay
         # Segments beyond a hole, by sequence number: (payload, FIN flag).
         self.out_of_order: dict[int, tuple[memoryview, bool]] = {}
         self.last_held = 0  # sequence number of the segment held last (its SACK block leads)
@@ -244,8 +246,9 @@ class TcpConnection:
 
     def ack_batch(self) -> None:
         """The ACK a batch of the app's segments asked for: at once, unless all they brought
-        is a little new data (then within DATA_ACK_DELAY, on the reply if it comes first)."""
-        if (0 < self.ack_owed <= DELAYED_ACK_BYTES and self.state == "OPEN"
+        is less than two full-sized segments of new data (then within DATA_ACK_DELAY, on the
+        reply or with the next data if they come first)."""
+        if (0 < self.ack_owed < self.ack_every and self.state == "OPEN"
                 and not self.out_of_order and not self.fin_received):
             if self.ack_timer is None:
                 self.ack_timer = self.stack.loop.call_later(DATA_ACK_DELAY, self._delayed_ack)
@@ -261,7 +264,7 @@ class TcpConnection:
         self._send_synack()
 
     def _send_synack(self) -> None:
-        mss = 65520 - (40 if len(self.src) == 4 else 60)  # the TUN's MTU less IP and TCP
+        mss = self.rcv_mss
         options = b"\x02\x04" + mss.to_bytes(2, "big")
         if self.wscale_ok:
             options += b"\x01\x03\x03" + bytes([self.our_wscale])
@@ -632,14 +635,14 @@ class TcpConnection:
             self._close(None)
 
     def deliver(self) -> None:
-        """Hand the data received since the last delivery to the handler, in one piece: a
-        single segment's payload as a view of its packet (not copied: handlers copy what
-        they keep, and a packet's bytes never change), several joined."""
+        """Hand the data received since the last delivery to the handler: the segments'
+        payloads as views of their packets (not copied: handlers copy what they keep, and a
+        packet's bytes never change)."""
         if not self.received:
             return
         chunks, self.received = self.received, []
         if self.handler is not None:
-            self.handler.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            self.handler.data_received(chunks)
 
     def _close(self, exc: Exception | None, notify: bool = True) -> None:
         if self.state == "CLOSED":

@@ -95,6 +95,37 @@ class UpstreamTransport:
             self._writing_paused = True
             self._protocol.pause_writing()
 
+    def writelines(self, parts: list[memoryview]) -> None:
+        """Write `parts` in order, with one system call (sendmsg) when nothing is buffered."""
+        if len(parts) == 1:
+            self.write(parts[0])
+            return
+        if self._eof_wanted or self._closing:
+            return
+        if self._buffer:
+            for part in parts:
+                self._buffer += part
+        else:
+            try:
+                sent = self._sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._force_close(exc)
+                return
+            for part in parts:
+                if sent >= len(part):
+                    sent -= len(part)
+                    continue
+                self._buffer += part[sent:]
+                sent = 0
+            if not self._buffer:
+                return
+            self._loop.add_writer(self._fd, self._write_ready)
+        if not self._writing_paused and len(self._buffer) > self._high:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+
     def _write_ready(self) -> None:
         try:
             sent = self._sock.send(self._buffer)

@@ -176,10 +176,11 @@ def test_apps_fin_is_acknowledged_while_the_server_stays_open() -> None:
     assert result.stdout.strip() == "fin acked"
 
 
-def test_the_ack_of_a_small_message_rides_on_the_reply() -> None:
+@pytest.mark.parametrize("size", [14, 32 * 1024], ids=["small", "32KiB"])
+def test_the_ack_of_a_message_under_two_full_segments_rides_on_the_reply(size: int) -> None:
     with servers.running(servers.echo_server()) as port:
         result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "ack-rides-reply", HOST,
-                           str(port))
+                           str(port), str(size))
     assert result.returncode == 0, result.stderr
     label, per_exchange = result.stdout.strip().rsplit(" ", 1)
     assert label == "segments per exchange"

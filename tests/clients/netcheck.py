@@ -50,17 +50,18 @@ def _segments_in(s: socket.socket) -> int:
     return struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144), 140)[0]
 
 
-def ack_rides_reply(host: str, port: str) -> None:
-    """Twenty small exchanges with an echo server: the ACK of each message comes on its reply,
-    not in a segment of its own, so about one segment arrives per exchange (two without)."""
+def ack_rides_reply(host: str, port: str, size: str = "14") -> None:
+    """Twenty exchanges of `size`-byte messages with an echo server: the ACK of each message
+    comes on its reply, not in a segment of its own, so about one segment arrives per exchange
+    (two without)."""
     with socket.create_connection((host, int(port))) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(20):
-            message = f"<message {i:04d}>".encode()  # raw TCP from its first byte
+            message = f"<message {i:04d}>".encode().ljust(int(size), b".")  # raw TCP
             s.sendall(message)
             reply = b""
             while len(reply) < len(message):
-                reply += s.recv(100)
+                reply += s.recv(1 << 17)
             assert reply == message, reply
         segments = _segments_in(s) - 1  # the SYN-ACK
     print("segments per exchange", round(segments / 20, 2))
