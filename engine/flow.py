@@ -234,7 +234,7 @@ def next_connection_id() -> int:
 class Flow:
     conn: Connection
     kind: FlowKind = FlowKind.HTTP
-    id: int = field(default_factory=lambda: next(_flow_ids))
+    id: int = field(default_factory=_flow_ids.__next__)
     state: FlowState = FlowState.OPEN
     request: Request | None = None
     response: Response | None = None
@@ -280,22 +280,23 @@ class FlowBus:
     """Fan-out of flow events to listeners. Thread-safe; listeners must not block."""
 
     def __init__(self) -> None:
-        self._listeners: list[FlowListener] = []
+        # A tuple, replaced whole on (un)subscribe: emitting reads it without the lock.
+        self._listeners: tuple[FlowListener, ...] = ()
         self._lock = threading.Lock()
 
     def subscribe(self, listener: FlowListener) -> None:
         with self._lock:
-            self._listeners.append(listener)
+            self._listeners = (*self._listeners, listener)
 
     def unsubscribe(self, listener: FlowListener) -> None:
         with self._lock:
-            self._listeners.remove(listener)
+            listeners = list(self._listeners)
+            listeners.remove(listener)
+            self._listeners = tuple(listeners)
 
     def emit(self, kind: EventKind, flow: Flow) -> None:
         event = FlowEvent(kind, flow)
-        with self._lock:
-            listeners = list(self._listeners)
-        for listener in listeners:
+        for listener in self._listeners:
             listener(event)
 
     def new(self, flow: Flow) -> None:

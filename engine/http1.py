@@ -56,7 +56,10 @@ def text(value: bytes) -> str:
 
 
 def h11_headers(headers: h11._headers.Headers) -> Headers:
-    return [(text(name), text(value)) for name, value in headers.raw_items()]
+    try:  # (text() for each would cost a call per name and value)
+        return [(name.decode(), value.decode()) for name, value in headers.raw_items()]
+    except UnicodeDecodeError:
+        return [(text(name), text(value)) for name, value in headers.raw_items()]
 
 
 class _Framing:
@@ -135,10 +138,9 @@ def format_authority(address: tuple[str, int], scheme: str) -> str:
 
 def new_flow(conn: Connection, base: Timings | None) -> Flow:
     """A flow on `conn`; the first flow of a connection inherits its dns/connect/tls timings."""
-    flow = Flow(conn=conn)
     if base is not None:
-        flow.timings = base.copy()
-    return flow
+        return Flow(conn=conn, timings=base.copy())
+    return Flow(conn=conn)
 
 
 class _Exchange:
