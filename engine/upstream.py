@@ -75,49 +75,25 @@ class UpstreamTransport:
     # ---- writing ------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._eof_wanted or self._closing or not data:
-            return
-        if not self._buffer:
-            try:
-                sent = self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._force_close(exc)
-                return
-            if sent == len(data):
-                return
-            self._buffer += memoryview(data)[sent:]
-            self._loop.add_writer(self._fd, self._write_ready)
-        else:
-            self._buffer += data
-        if not self._writing_paused and len(self._buffer) > self._high:
-            self._writing_paused = True
-            self._protocol.pause_writing()
+        if data:
+            self.writelines([data])
 
-    def writelines(self, parts: list[memoryview]) -> None:
+    def writelines(self, parts: list[bytes | bytearray | memoryview]) -> None:
         """Write `parts` in order, with one system call (sendmsg) when nothing is buffered."""
-        if len(parts) == 1:
-            self.write(parts[0])
-            return
         if self._eof_wanted or self._closing:
             return
         if self._buffer:
             for part in parts:
                 self._buffer += part
         else:
-            try:
-                sent = self._sock.sendmsg(parts)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._force_close(exc)
+            sent = self._send(parts)
+            if sent is None:
                 return
             for part in parts:
                 if sent >= len(part):
                     sent -= len(part)
                     continue
-                self._buffer += part[sent:]
+                self._buffer += memoryview(part)[sent:]
                 sent = 0
             if not self._buffer:
                 return
@@ -126,13 +102,19 @@ class UpstreamTransport:
             self._writing_paused = True
             self._protocol.pause_writing()
 
-    def _write_ready(self) -> None:
+    def _send(self, parts: list[bytes | bytearray | memoryview]) -> int | None:
+        """Bytes the socket took (0 when full); None when it failed (and is closing)."""
         try:
-            sent = self._sock.send(self._buffer)
+            return self._sock.sendmsg(parts)
         except (BlockingIOError, InterruptedError):
-            return
+            return 0
         except OSError as exc:
             self._force_close(exc)
+            return None
+
+    def _write_ready(self) -> None:
+        sent = self._send([self._buffer])
+        if sent is None:
             return
         del self._buffer[:sent]
         if self._writing_paused and len(self._buffer) <= self._low:
