@@ -87,17 +87,12 @@ def parse(buf: memoryview) -> Packet | None:
         return None
     version = buf[0] >> 4
     if version == 4:
-        ihl = (buf[0] & 0x0F) * 4
-        if ihl < 20 or n < ihl:
+        vihl, _tos, total, _id, frag, _ttl, proto, _csum, src, dst = _IPV4.unpack_from(buf)
+        ihl = (vihl & 0x0F) * 4
+        if ihl < 20 or n < ihl or total < ihl or total > n:
             return None
-        total = (buf[2] << 8) | buf[3]
-        if total < ihl or total > n:
+        if frag & 0x3FFF:  # more-fragments flag or a fragment offset
             return None
-        if (buf[6] & 0x3F) or buf[7]:  # more-fragments flag or a fragment offset
-            return None
-        proto = buf[9]
-        src = bytes(buf[12:16])
-        dst = bytes(buf[16:20])
         body = buf[ihl:total]
     elif version == 6:
         if n < 40:
