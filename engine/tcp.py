@@ -36,11 +36,12 @@ PERSIST_MIN = 0.2
 #: fraction of a millisecond, and one segment then does the work of two.
 FIN_ACK_DELAY = 0.04
 #: How long the ACK of less than two full-sized segments may wait for the reply (or more data)
-#: to carry it. As in Linux, which ACKs at least every second full-sized segment: a request's
-#: ACK then usually rides on the upstream's answer, and a bulk upload (a 64 KiB write comes as
-#: a 65,480 and a 56 byte segment) takes one ACK per two writes instead of one per write, each
-#: a packet less through the TUN device. The delay is far below Linux's own (40 ms), so a
-#: client that waits for the ACK before sending more (Nagle) loses at most this.
+#: to carry it. As in Linux, which ACKs at least every second full-sized segment: the ACK of a
+#: request or message of up to ~128 KiB then usually rides on the upstream's answer, one packet
+#: less through the TUN device. (A bulk upload was ACKed about once per 15-30 of its 64 KiB
+#: writes before and after: each batch of packets read gets one ACK.) The delay is far below
+#: Linux's own (40 ms), so a client that waits for the ACK before sending more (Nagle) loses at
+#: most this.
 DATA_ACK_DELAY = 0.001
 MAX_OUT_OF_ORDER = 256  # segments held beyond a hole
 
