@@ -9,6 +9,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -90,6 +91,26 @@ class HalfCloseHandler(socketserver.BaseRequestHandler):
         while chunk := sock.recv(1 << 20):
             digest.update(chunk)
         sock.sendall(digest.digest() + self.pool[: 2 * 1024 * 1024])
+
+
+class SinkHandler(socketserver.BaseRequestHandler):
+    """After a nap of 0.2 s (so bytes pile up on their way, in tapui too), reads until the
+    client's FIN and records the SHA-256 and size of what came."""
+
+    received: list[tuple[str, int]]
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        time.sleep(0.2)
+        digest, size = hashlib.sha256(), 0
+        while chunk := sock.recv(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        self.received.append((digest.hexdigest(), size))
+
+
+def sink_server(received: list[tuple[str, int]]) -> _ThreadingServer:
+    return _ThreadingServer(("127.0.0.1", 0), type("Handler", (SinkHandler,), {"received": received}))
 
 
 class HoldOpenHandler(socketserver.BaseRequestHandler):

@@ -208,6 +208,18 @@ def test_a_small_message_without_reply_is_still_acknowledged() -> None:
     assert result.stdout.strip() == "unacked 0 retransmitted 0"
 
 
+def test_what_an_app_sends_right_before_it_exits_is_still_relayed() -> None:
+    received: list[tuple[str, int]] = []
+    with servers.running(servers.sink_server(received)) as port:
+        result = run_tapui("--no-ui", "-q", "--", PY, client("netcheck.py"), "send-and-exit",
+                           HOST, str(port), str(8 << 20))
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert result.returncode == 0, result.stderr
+    assert received == [(result.stdout.strip(), 8 << 20)]
+
+
 def test_refused_port_is_refused_inside() -> None:
     port = servers.free_port()
     result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "connect", HOST, str(port), "4")

@@ -1,6 +1,7 @@
 """Inside the sandbox: small socket-level checks, one per sub-command; prints the result."""
 
 import hashlib
+import os
 import socket
 import struct
 import sys
@@ -86,6 +87,16 @@ def small_data_acked(host: str, port: str) -> None:
         unacked, retransmitted = struct.unpack_from("I", info, 24)[0], struct.unpack_from(
             "I", info, 100)[0]
     print("unacked", unacked, "retransmitted", retransmitted)
+
+
+def send_and_exit(host: str, port: str, size: str) -> None:
+    """Sends `size` bytes and exits at once (the kernel closes the socket): whatever is still
+    in flight then is tapui's to relay. Prints the SHA-256 of what was sent."""
+    data = bytes(i * 7 % 251 for i in range(int(size)))
+    s = socket.create_connection((host, int(port)))
+    s.sendall(data)
+    print(hashlib.sha256(data).hexdigest(), flush=True)
+    os._exit(0)
 
 
 def connect(host: str, port: str, family: str = "any") -> None:
