@@ -13,7 +13,10 @@ transport (`write`, `write_eof`, `close`, `abort`, `is_closing`, `pause_reading`
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+
+log = logging.getLogger(__name__)
 
 
 class UpstreamTransport:
@@ -54,13 +57,17 @@ class UpstreamTransport:
         except OSError as exc:
             self._force_close(exc)
             return
-        if data:
-            self._protocol.data_received(data)
-            return
-        self._reading = False  # the peer's FIN: nothing more to read
-        self._at_eof = True
-        self._loop.remove_reader(self._fd)
-        self._protocol.eof_received()  # the write side stays open (half-close)
+        try:
+            if data:
+                self._protocol.data_received(data)
+                return
+            self._reading = False  # the peer's FIN: nothing more to read
+            self._at_eof = True
+            self._loop.remove_reader(self._fd)
+            self._protocol.eof_received()  # the write side stays open (half-close)
+        except Exception as exc:  # as asyncio does: a failing protocol ends the connection
+            log.exception("the relay failed on the upstream's bytes")
+            self._force_close(exc)
 
     def pause_reading(self) -> None:
         if self._reading and not self._closing:

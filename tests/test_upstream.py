@@ -107,3 +107,24 @@ def test_a_reset_by_the_peer_ends_the_transport_with_the_error() -> None:
         assert isinstance(proto.lost_with, ConnectionResetError)
 
     asyncio.run(scenario())
+
+
+class Failing(Recorder):
+    def data_received(self, data: bytes) -> None:
+        raise ValueError("a bug in the relay")
+
+
+def test_a_protocol_that_fails_on_data_ends_the_connection_with_its_error() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ours, peer = connected_pair()
+        proto = Failing()
+        UpstreamTransport(loop, ours, proto, 65536, high_water=1 << 20, low_water=1 << 18)
+        peer.sendall(b"anything")
+        await asyncio.wait_for(proto.lost.wait(), 5)
+        assert isinstance(proto.lost_with, ValueError)
+        peer.settimeout(5)
+        assert peer.recv(10) == b""  # our socket is closed
+        peer.close()
+
+    asyncio.run(scenario())
