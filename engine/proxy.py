@@ -363,20 +363,13 @@ class Relay:
     def from_app(self, parts: list[memoryview]) -> None:
         """The app's bytes, as the payloads of the segments that brought them."""
         mode = self.mode
-        if mode == "plain" and self.tls_up is None and self.upstream is not None:
-            # Relayed as they came, in one system call: a 64 KiB write of the app arrives as
-            # a 65,480 and a 56 byte segment, and joining them would copy every byte again.
+        if mode == "plain":
             self.sent += sum(map(len, parts))
-            self.upstream.writelines(parts)
-            if self.observer is not None:
-                for part in parts:
-                    self._observe(self.observer.client_data, part)
+            self._to_upstream(parts)
             return
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.sent += len(data)
-        if mode == "plain":
-            self._to_upstream(data)
-        elif mode == "tls":
+        if mode == "tls":
             self._tls_from_app(data)
         elif mode == "sniff":
             self.pending += data
@@ -384,15 +377,20 @@ class Relay:
         elif mode == "tls-handshake":
             self.pending += data
 
-    def _to_upstream(self, data: bytes) -> None:
-        # Forward first, decode after: the decoder's time is then off the request's path.
+    def _to_upstream(self, parts: list[bytes] | list[memoryview]) -> None:
+        """The app's plaintext to the upstream: encrypted when TLS is intercepted, else as it
+        came, in one system call (a 64 KiB write of the app arrives as a 65,480 and a 56 byte
+        segment, and joining them would copy every byte again). Forward first, decode after:
+        the decoder's time is then off the request's path."""
         if self.tls_up is not None:
-            self.tls_up.write(data)
+            for part in parts:
+                self.tls_up.write(part)
             self._upstream_send(self.tls_up.output())
-        else:
-            self._upstream_send(data)
+        elif self.upstream is not None:
+            self.upstream.writelines(parts)
         if self.observer is not None:
-            self._observe(self.observer.client_data, data)
+            for part in parts:
+                self._observe(self.observer.client_data, part)
 
     def _observe(self, method, data: bytes) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -447,7 +445,7 @@ class Relay:
         self._start_observer(kind, scheme)
         data, self.pending = bytes(self.pending), bytearray()
         if data:
-            self._to_upstream(data)
+            self._to_upstream([data])
         if self.app_eof_seen:
             self._upstream_write_eof()
 
@@ -612,7 +610,7 @@ class Relay:
                     self.from_upstream_plaintext(chunk)
             plain = app_tls.read()
             if plain:
-                self._to_upstream(plain)
+                self._to_upstream([plain])
         except ssl.SSLError as exc:
             self._flush_tls()
             why = f"the app rejected tapui's TLS: {_ssl_reason(exc)}"
