@@ -26,7 +26,7 @@ from engine.flow import Connection, ConnectionSummary, FlowBus, Timings, next_co
 from engine.observer import StreamObserver
 from engine.tcp import TcpConnection
 from engine.tls_endpoint import TlsEndpoint
-from engine.upstream import UpstreamTransport
+from engine.upstream import ReadPoller, UpstreamTransport
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ class Proxy:
         processes: procinfo.ProcessFinder | None = None,
     ) -> None:
         self.loop = loop
+        self.upstream_readers = ReadPoller(loop)
         self.plan = plan
         self.bus = bus
         self.options = options
@@ -147,6 +148,7 @@ class Proxy:
         """tapui is stopping: finish every open connection's flows and summary."""
         for relay in list(self.relays):
             relay.stop()
+        self.upstream_readers.close()
 
     def ignored(self, host: str) -> bool:
         return any(p.search(host) for p in self.options.ignore_hosts)
@@ -312,7 +314,7 @@ class Relay:
             sock.close()
             return
         self.upstream = UpstreamTransport(
-            self.proxy.loop, sock, self.protocol, READ_SIZE, UPSTREAM_HIGH_WATER,
+            self.proxy.upstream_readers, sock, self.protocol, READ_SIZE, UPSTREAM_HIGH_WATER,
             UPSTREAM_LOW_WATER,
         )
         self.app.accept(AppSide(self))

@@ -8,28 +8,80 @@ transport (`write`, `write_eof`, `close`, `abort`, `is_closing`, `pause_reading`
 `resume_reading`, `get_write_buffer_size`) and calls its protocol like asyncio does
 (`data_received`, `eof_received`, `connection_lost` on a later loop turn, `pause_writing` and
 `resume_writing` at the water marks).
+
+Their reads are watched by one `ReadPoller`, an epoll set of its own that the event loop
+watches as a single reader.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+MAX_EVENTS = 256  # per loop turn; the rest (level-triggered) come on the next
+
+
+class ReadPoller:
+    """The reads of many sockets as one reader of the event loop.
+
+    Watching a new socket with the loop's add_reader, and forgetting it with remove_reader,
+    took ~45 µs per relayed connection here (a Handle, a selector key, a KeyError raised for
+    every new fd, cache-cold); epoll's own register and unregister take a few µs. Ready
+    sockets are served in one loop turn, for the cost of one more epoll_wait.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def add(self, fd: int, callback: Callable[[], None]) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._callbacks[fd] = callback
+
+    def remove(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is not None and not self._epoll.closed:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def _ready(self) -> None:
+        callbacks = self._callbacks
+        for fd, _ in self._epoll.poll(0, MAX_EVENTS):
+            callback = callbacks.get(fd)  # (None: removed by an earlier callback)
+            if callback is not None:
+                try:
+                    callback()
+                except Exception:  # noqa: BLE001 - one socket must not starve the others
+                    log.exception("reading an upstream socket failed")
+
+    def close(self) -> None:
+        if self._epoll.closed:
+            return
+        self.loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._callbacks.clear()
 
 
 class UpstreamTransport:
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        readers: ReadPoller,
         sock: socket.socket,
         protocol: asyncio.Protocol,
         read_size: int,
         high_water: int,
         low_water: int,
     ) -> None:
-        self._loop = loop
+        self._readers = readers
+        self._loop = readers.loop
         self._sock = sock
         self._fd = sock.fileno()
         self._protocol = protocol
@@ -45,7 +97,7 @@ class UpstreamTransport:
         self._closing = False
         self._lost = False
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        loop.add_reader(self._fd, self._read_ready)
+        readers.add(self._fd, self._read_ready)
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -63,7 +115,7 @@ class UpstreamTransport:
                 return
             self._reading = False  # the peer's FIN: nothing more to read
             self._at_eof = True
-            self._loop.remove_reader(self._fd)
+            self._readers.remove(self._fd)
             self._protocol.eof_received()  # the write side stays open (half-close)
         except Exception as exc:  # as asyncio does: a failing protocol ends the connection
             log.exception("the relay failed on the upstream's bytes")
@@ -72,12 +124,12 @@ class UpstreamTransport:
     def pause_reading(self) -> None:
         if self._reading and not self._closing:
             self._reading = False
-            self._loop.remove_reader(self._fd)
+            self._readers.remove(self._fd)
 
     def resume_reading(self) -> None:
         if not self._reading and not self._closing and not self._at_eof:
             self._reading = True
-            self._loop.add_reader(self._fd, self._read_ready)
+            self._readers.add(self._fd, self._read_ready)
 
     # ---- writing ------------------------------------------------------------------------
 
@@ -166,7 +218,7 @@ class UpstreamTransport:
         self._closing = True
         if self._reading:
             self._reading = False
-            self._loop.remove_reader(self._fd)
+            self._readers.remove(self._fd)
         if not self._buffer:
             self._schedule_lost(None)
 
@@ -181,7 +233,7 @@ class UpstreamTransport:
             self._loop.remove_writer(self._fd)
         if self._reading:
             self._reading = False
-            self._loop.remove_reader(self._fd)
+            self._readers.remove(self._fd)
         self._closing = True
         self._schedule_lost(exc)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from engine.upstream import UpstreamTransport
+from engine.upstream import ReadPoller, UpstreamTransport
 
 
 class Recorder(asyncio.Protocol):
@@ -58,7 +58,7 @@ def test_a_large_write_is_buffered_paused_and_delivered_whole_before_the_fin() -
         ours, peer = connected_pair()
         peer.setblocking(False)
         proto = Recorder()
-        up = UpstreamTransport(loop, ours, proto, 65536, high_water=256 * 1024, low_water=64 * 1024)
+        up = UpstreamTransport(ReadPoller(loop), ours, proto, 65536, high_water=256 * 1024, low_water=64 * 1024)
         payload = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than the socket takes at once
         half = len(payload) // 2
         up.writelines([memoryview(payload)[:half], memoryview(payload)[half:]])
@@ -79,7 +79,7 @@ def test_the_peers_data_and_fin_arrive_and_the_write_side_stays_open() -> None:
         loop = asyncio.get_running_loop()
         ours, peer = connected_pair()
         proto = Recorder()
-        up = UpstreamTransport(loop, ours, proto, 65536, high_water=1 << 20, low_water=1 << 18)
+        up = UpstreamTransport(ReadPoller(loop), ours, proto, 65536, high_water=1 << 20, low_water=1 << 18)
         peer.sendall(b"hello")
         peer.shutdown(socket.SHUT_WR)
         await asyncio.wait_for(proto.eof.wait(), 5)
@@ -100,7 +100,7 @@ def test_a_reset_by_the_peer_ends_the_transport_with_the_error() -> None:
         loop = asyncio.get_running_loop()
         ours, peer = connected_pair()
         proto = Recorder()
-        UpstreamTransport(loop, ours, proto, 65536, high_water=1 << 20, low_water=1 << 18)
+        UpstreamTransport(ReadPoller(loop), ours, proto, 65536, high_water=1 << 20, low_water=1 << 18)
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         peer.close()  # linger 0: an RST
         await asyncio.wait_for(proto.lost.wait(), 5)
@@ -119,7 +119,7 @@ def test_a_protocol_that_fails_on_data_ends_the_connection_with_its_error() -> N
         loop = asyncio.get_running_loop()
         ours, peer = connected_pair()
         proto = Failing()
-        UpstreamTransport(loop, ours, proto, 65536, high_water=1 << 20, low_water=1 << 18)
+        UpstreamTransport(ReadPoller(loop), ours, proto, 65536, high_water=1 << 20, low_water=1 << 18)
         peer.sendall(b"anything")
         await asyncio.wait_for(proto.lost.wait(), 5)
         assert isinstance(proto.lost_with, ValueError)
