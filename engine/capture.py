@@ -9,7 +9,6 @@ the command's exit status.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import re
 import select
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import tls
+from engine import heap, tls
 from engine.addresses import GATEWAY_V4, AddressPlan
 from engine.errors import EXIT_INTERNAL, TapuiError
 from engine.flow import ConnectionSummary, FlowBus
@@ -57,7 +56,6 @@ TRUST_ENV = [
     "AWS_CA_BUNDLE",
 ]
 KEEP_RUNNING_POLL = 0.5
-GC_YOUNG_THRESHOLD = 10_000
 DRAIN_TIME = 0.5  # seconds at most for the last bytes to be relayed once the command exited
 DRAIN_POLL = 0.005
 # glibc malloc: serve relay buffers (up to 256 KiB reads, TLS records) from the heap and keep
@@ -101,6 +99,7 @@ class Capture:
     def __init__(self, options: CaptureOptions, bus: FlowBus, status: RunStatus) -> None:
         self.options = options
         self.bus = bus
+        bus.subscribe(heap.HeapFreezer())  # kept flows must not make full collections long
         self.status = status
         self.plan = AddressPlan.build(options.add_hosts)
         self.workdir = Path(tempfile.mkdtemp(prefix="tapui-"))
@@ -182,14 +181,7 @@ class Capture:
             if out is not None and cfg.stdin is not None:
                 os.close(cfg.stdin)
         self.status.pid = self.sandbox.pid
-        # What starting made (modules, the CA, the config) lives as long as tapui: frozen, it
-        # is left out of the garbage collector's full passes, ~20 ms pauses otherwise. And a
-        # new connection makes a few hundred short-lived objects (freed by reference counting,
-        # not by the collector): with Python's default, a young collection every 700
-        # allocations, one ran about every other connection. In-run A/B on 500-connection
-        # runs, 10,000 instead: -40 us p50 and -175 us p90 per new connection.
-        gc.freeze()
-        gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+        heap.settle_after_start()
 
     # ---- running ------------------------------------------------------------------------
 

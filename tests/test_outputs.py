@@ -113,9 +113,7 @@ def test_headless_run_says_at_once_when_saving_stops_and_goes_on(
     with tapui_in_background(
         "--no-ui", "--save", str(tmp_path / "s.tapui"), "--", "sh", "-c", script
     ) as proc:
-        _wait_for_children(proc.pid, 2)
-        writer = next(int(pid) for pid in _children(proc.pid)
-                      if b"engine.session_writer" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        writer = _wait_for_child(proc.pid, b"engine.session_writer")
         os.kill(writer, signal.SIGKILL)
         go.touch()
         out, err = proc.communicate(timeout=60)
@@ -125,16 +123,18 @@ def test_headless_run_says_at_once_when_saving_stops_and_goes_on(
     assert f"GET http://{HOST}:{http_port}/hello 200" in err  # the exchange is still shown
 
 
-def _children(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-
-
-def _wait_for_children(pid: int, count: int, timeout: float = 30) -> None:
-    """Wait until tapui runs its command and its session writer."""
+def _wait_for_child(pid: int, marker: bytes, timeout: float = 30) -> int:
+    """The pid of tapui's child whose command line holds `marker`, once it runs. (A child
+    counted as soon as it is forked still shows tapui's own command line until it execs.)"""
     import time
 
     deadline = time.monotonic() + timeout
-    while len(_children(pid)) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"tapui ({pid}) did not start its command and writer")
+    while time.monotonic() < deadline:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            try:
+                if marker in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+            except OSError:
+                continue
         time.sleep(0.05)
+    raise AssertionError(f"tapui ({pid}) did not start a {marker.decode()} process")
