@@ -46,7 +46,7 @@ class ReadPoller:
         self._callbacks[fd] = callback
 
     def remove(self, fd: int) -> None:
-        if self._callbacks.pop(fd, None) is not None and not self._epoll.closed:
+        if self._callbacks.pop(fd, None) is not None:  # (close() forgets every fd)
             try:
                 self._epoll.unregister(fd)
             except OSError:
