@@ -390,9 +390,10 @@ class Relay:
             self._upstream_send(self.tls_up.output())
         elif self.upstream is not None:
             self.upstream.writelines(parts)
-        if self.observer is not None:
-            for part in parts:
-                self._observe(self.observer.client_data, part)
+        for part in parts:
+            if self.observer is None:  # (none, or it failed on an earlier part)
+                break
+            self._observe(self.observer.client_data, part)
 
     def _observe(self, method, data: bytes) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -608,11 +609,11 @@ class Relay:
                     return
                 self._flush_tls()
                 early, self.early_upstream = self.early_upstream, []
-                for chunk in early:
-                    self.from_upstream_plaintext(chunk)
+                if early:
+                    self.from_upstream_plaintext(early)
             plain = app_tls.read()
             if plain:
-                self._to_upstream([plain])
+                self._to_upstream(plain)
         except ssl.SSLError as exc:
             self._flush_tls()
             why = f"the app rejected tapui's TLS: {_ssl_reason(exc)}"
@@ -660,7 +661,7 @@ class Relay:
             return
         if mode == "sniff":
             self._go_plain("unknown", "tcp")  # the server spoke first
-        self.from_upstream_plaintext(data)
+        self.from_upstream_plaintext([data])
 
     def _read_upstream(self) -> None:
         up = self.tls_up
@@ -680,26 +681,32 @@ class Relay:
         if up.closed:
             self.upstream_eof()  # close_notify: the server has said all it will say
 
-    def from_upstream_plaintext(self, data: bytes) -> None:
+    def from_upstream_plaintext(self, parts: list[bytes]) -> None:
+        """The server's plaintext, to the app and then to the decoder: as it came in plain mode,
+        a decrypted record a part under TLS (written on one by one, not joined)."""
         if self.mode == "tls":
             app_tls = self.tls_app
             assert app_tls is not None
             if not app_tls.handshake_done:
                 # The server spoke first (HTTP/2 SETTINGS) before the app finished its handshake
                 # with us: hold the bytes until it has.
-                self.early_upstream.append(data)
+                self.early_upstream.extend(parts)
                 return
             try:
-                app_tls.write(data)
+                for part in parts:
+                    app_tls.write(part)
             except ssl.SSLError as exc:
                 self._close_observer(f"TLS error toward the app: {_ssl_reason(exc)}")
                 self.app.abort()
                 return
             self._flush_tls()
         else:
-            self.app.write(data)
-        if self.observer is not None:
-            self._observe(self.observer.server_data, data)
+            for part in parts:
+                self.app.write(part)
+        for part in parts:
+            if self.observer is None:  # (none, or it failed on an earlier part)
+                break
+            self._observe(self.observer.server_data, part)
 
     # ---- closing ----------------------------------------------------------------------------
 

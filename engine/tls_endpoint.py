@@ -52,8 +52,10 @@ class TlsEndpoint:
             self.handshake_done = True
         return True
 
-    def read(self) -> bytes:
-        """All the plaintext in what was fed (b"" if none); sets `closed` at close_notify.
+    def read(self) -> list[bytes]:
+        """The plaintext in what was fed, as it was decrypted (a record's worth a piece; [] if
+        none); sets `closed` at close_notify. The pieces are not joined: whoever takes them
+        writes them on one by one, and joining would copy every byte once more.
 
         Raises ssl.SSLError for a bad record.
         """
@@ -70,11 +72,9 @@ class TlsEndpoint:
             pass
         except ssl.SSLZeroReturnError:
             self.closed = True
-        if len(chunks) == 1:
-            return chunks[0]
-        return b"".join(chunks)
+        return chunks
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Plaintext to send to the peer (take the records with `output`)."""
         self.ssl_object.write(data)
 
