@@ -255,6 +255,36 @@ async def test_in_progress_flow_updates_in_place() -> None:
         await wait_for(pilot, lambda: "201" in app.flow_list.render_line(1).text)
 
 
+@asynctest
+async def test_flows_arriving_below_the_window_do_not_repaint_its_rows() -> None:
+    """The UI shares the interpreter with the relay: repainting rows that did not change
+    held the GIL for ~50 ms a tick while flows streamed in, and delayed the app's traffic."""
+    bus = FlowBus()
+    app = TapuiApp(bus=bus)
+    async with app.run_test(size=SIZE) as pilot:
+        _emit_from_thread(bus, 1, 60).join()  # more than the window holds
+        await wait_for(pilot, lambda: app.store.view_len == 60)
+        await pilot.pause(0.2)
+        painted: list[int] = []
+        render_line = app.flow_list.render_line
+
+        def counting_render_line(y: int):
+            painted.append(y)
+            return render_line(y)
+
+        app.flow_list.render_line = counting_render_line  # type: ignore[method-assign]
+        _emit_from_thread(bus, 61, 40).join()
+        await wait_for(pilot, lambda: app.store.view_len == 100)
+        await pilot.pause(0.2)
+        assert painted == []  # the scrollbar and the status bar changed, no row did
+        assert "100/100 flows" in str(app.query_one("#status").render())
+        first = app.store.view_flow(0)
+        first.response.status = 503  # type: ignore[union-attr]
+        bus.update(first)
+        await wait_for(pilot, lambda: painted)  # a row in the window changed: repainted
+        assert "503" in render_line(1).text
+
+
 # --- detail -------------------------------------------------------------------------------------
 
 

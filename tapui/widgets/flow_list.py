@@ -204,6 +204,7 @@ class FlowList(ScrollView, can_focus=True):
         self.marked: set[int] = set()
         self._columns: list[Column] = []
         self._columns_width = -1
+        self._shown: tuple[object, ...] = ()  # what sync() last had painted (_view_signature)
 
     # --- state --------------------------------------------------------------------------------
 
@@ -223,7 +224,7 @@ class FlowList(ScrollView, can_focus=True):
     def sync(self) -> None:
         """Call after the store changed: resize, keep the cursor on its flow, follow, repaint."""
         count = self.store.view_len
-        self.virtual_size = Size(self.size.width, count + 1)
+        self._set_virtual_size(Size(self.size.width, count + 1))
         if self.follow:
             self.cursor = max(count - 1, 0)
         elif self._cursor_id is not None:
@@ -234,7 +235,34 @@ class FlowList(ScrollView, can_focus=True):
         selected = self.selected
         self._cursor_id = selected.id if selected is not None else None
         self._scroll_to_cursor()
-        self.refresh()
+        shown = self._view_signature()
+        if shown != self._shown:
+            self._shown = shown
+            self.refresh()
+
+    def _set_virtual_size(self, size: Size) -> None:
+        """Resize the scrollable area, updating only the scrollbars: assigning the reactive
+        (layout=True) would repaint every row, and rows that change are repainted by sync()."""
+        if size == self.virtual_size:
+            return
+        scroll_update = getattr(self, "_scroll_update", None)  # (Textual's own, for resizes)
+        if scroll_update is None:
+            self.virtual_size = size
+            return
+        self.set_reactive(FlowList.virtual_size, size)
+        scroll_update(size)
+
+    def _view_signature(self) -> tuple[object, ...]:
+        """What the rows in the window show. While flows stream in below the window, nothing
+        in it changes: repainting every row each tick then cost the UI ~50 ms a tick here, and
+        since the UI and the relay share one interpreter, it delayed the app's traffic."""
+        top = round(self.scroll_y)
+        end = min(top + self._rows_visible(), self.store.view_len)
+        rows = []
+        for row in range(top, end):
+            flow = self.store.view_flow(row)
+            rows.append((flow.id in self.marked, *cells(flow).values()))
+        return (self.scrollable_content_region.size, top, self.cursor, *rows)
 
     def _move(self, cursor: int) -> None:
         self.follow = False

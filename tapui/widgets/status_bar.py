@@ -59,7 +59,9 @@ class StatusBar(Static):
         if info == self._last:
             return
         self._last = info
-        self.update(self.render_info(info))
+        # One line whose size never changes: no layout pass (it would reflow the whole screen
+        # at every tick while flows stream in).
+        self.update(self.render_info(info), layout=False)
 
     @staticmethod
     def render_info(info: StatusInfo) -> Text:
