@@ -261,7 +261,7 @@ class FlowList(ScrollView, can_focus=True):
         rows = []
         for row in range(top, end):
             flow = self.store.view_flow(row)
-            rows.append((flow.id in self.marked, *cells(flow).values()))
+            rows.append((flow.id in self.marked, self._row_style(flow), *cells(flow).values()))
         return (self.scrollable_content_region.size, top, self.cursor, *rows)
 
     def _move(self, cursor: int) -> None:
