@@ -14,13 +14,12 @@ import re
 import select
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import heap, tls
+from engine import heap, tempdirs, tls
 from engine.addresses import GATEWAY_V4, AddressPlan
 from engine.errors import EXIT_INTERNAL, TapuiError
 from engine.flow import ConnectionSummary, FlowBus
@@ -102,7 +101,7 @@ class Capture:
         bus.subscribe(heap.HeapFreezer())  # kept flows must not make full collections long
         self.status = status
         self.plan = AddressPlan.build(options.add_hosts)
-        self.workdir = Path(tempfile.mkdtemp(prefix="tapui-"))
+        self.workdir = tempdirs.make("run")
         self.sandbox: Sandbox | None = None
         self.tun_fd: int | None = None
         self.ca: tls.CertificateAuthority | None = None

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from engine import sqlfilter
+from engine import sqlfilter, tempdirs
 from engine.errors import EXIT_USAGE, TapuiError
 from engine.filters import body_bytes
 from engine.flow import (
@@ -1185,7 +1185,7 @@ def open_any(path: str | os.PathLike[str]) -> SessionStore:
     if head == SQLITE_MAGIC:
         return SessionStore(path)
     if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith((b"{", b"[")) or not head.strip():
-        fd, tmp = tempfile.mkstemp(prefix="tapui-har-", suffix=SUFFIX)
+        fd, tmp = tempfile.mkstemp(prefix=tempdirs.prefix("har"), suffix=SUFFIX)
         os.close(fd)
         os.unlink(tmp)
         try:

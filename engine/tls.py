@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from engine import tempdirs
 from engine.flow import Certificate
 
 CA_CERT_FILE = "ca.pem"
@@ -79,7 +80,7 @@ class CertificateAuthority:
         self.fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
         self._lock = threading.Lock()
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
-        self._leaf_dir = Path(tempfile.mkdtemp(prefix="tapui-leaf-"))
+        self._leaf_dir = tempdirs.make("leaf")
         weakref.finalize(self, shutil.rmtree, self._leaf_dir, True)
         self._leaf_key_path = self._leaf_dir / "leaf-key.pem"
         _write_private(

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine import tempdirs
 from engine.addresses import HOST_ALIAS, parse_add_host
 from engine.errors import EXIT_INTERNAL, EXIT_USAGE, TapuiError
 from engine.flow import EventKind, Flow, FlowBus, FlowEvent
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             filename=os.environ.get("TAPUI_DEBUG_LOG"),
         )
     try:
+        if not args_list or args_list[0] not in ("ca", "sessions"):
+            tempdirs.sweep()  # what a killed tapui left behind (it may hold a private key)
         if args_list and args_list[0] == "open":
             return cmd_open(args_list[1:])
         if args_list and args_list[0] == "ca":

@@ -20,6 +20,7 @@ from engine.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TUN, EXIT_US
 from tests.conftest import (
     HOST,
     ROOT,
+    command_pid,
     requires_root,
     run_tapui,
     tapui_command,
@@ -308,3 +309,71 @@ def test_unwritable_session_directory_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot keep sessions in" in result.stderr and "--no-save" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _leftovers(directory: Path, pid: int) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("tapui-")
+                  and f"-{pid}-" in p.name)
+
+
+@contextmanager
+def _killed_tapui(tmp: Path) -> Iterator[int]:
+    """A tapui (with TMPDIR=`tmp`) killed by SIGKILL once its sandbox runs; yields its pid.
+    Its command, which outlives it, is ended when the block ends."""
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.Popen(
+        tapui_command("--no-ui", "-q", "--no-save", "--", PY, "-c",
+                      "print('ready', flush=True); import time; time.sleep(120)"),
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    command = None
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        command = command_pid(proc.pid)
+        proc.kill()
+        proc.wait(30)
+        yield proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if command is not None:
+            try:
+                os.kill(command, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_temporary_files_of_a_killed_tapui_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    with _killed_tapui(tmp_path) as pid:
+        left = _leftovers(tmp_path, pid)
+        assert any(n.startswith(f"tapui-run-{pid}-") for n in left), left
+        assert any(n.startswith(f"tapui-leaf-{pid}-") for n in left), left  # a private key
+        env = dict(os.environ, TMPDIR=str(tmp_path))
+        assert run_tapui("--no-ui", "-q", "--no-save", "--", "true", env=env).returncode == 0
+        assert _leftovers(tmp_path, pid) == []
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_a_running_tapuis_temporary_files_are_left_alone(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    code = "print('ready', flush=True); import sys; sys.stdin.readline()"
+    proc = subprocess.Popen(
+        tapui_command("--no-ui", "-q", "--no-save", "--", PY, "-c", code),
+        stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        mine = _leftovers(tmp_path, proc.pid)
+        assert len(mine) == 2, mine
+        assert run_tapui("--no-ui", "-q", "--no-save", "--", "true", env=env).returncode == 0
+        assert _leftovers(tmp_path, proc.pid) == mine
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(30) == 0
+        assert _leftovers(tmp_path, proc.pid) == []  # and it removed them itself
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
