@@ -208,7 +208,7 @@ class Capture:
         )
         self.proxy.closed_listeners.extend(self.connection_listeners)
         self.netstack = Netstack(
-            self.tun_fd, loop, self.plan, self.proxy.on_connection, self.bus
+            self.tun_fd, loop, self.plan, self.proxy.on_connection, self.bus, processes
         )
         self.proxy.dns = self.netstack.dns
         self.netstack.start()

@@ -18,6 +18,7 @@ from engine.addresses import GATEWAY_V4, GATEWAY_V6, AddressPlan
 from engine.dns import DnsResolver, describe_dns
 from engine.flow import Connection, Flow, FlowBus, FlowKind, next_connection_id
 from engine.packets import ACK, RST, SYN
+from engine.procinfo import ProcessFinder
 from engine.tcp import TcpConnection
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.pending: list[bytes] = []
         src, sport, dst, dport = key
         self.flow = udp_flow(stack, src, sport, dst, dport, FlowKind.UDP)
+        if stack.processes is not None:
+            stack.processes.lookup(self.flow.conn)
         if stack.bus is not None:
             stack.bus.new(self.flow)
 
@@ -96,9 +99,11 @@ class Netstack:
         plan: AddressPlan,
         on_connection: NewConnection,
         bus: FlowBus | None = None,
+        processes: ProcessFinder | None = None,
     ) -> None:
         self.fd = fd
         self.bus = bus
+        self.processes = processes  # who sent a datagram (looked up while its socket is open)
         self.loop = loop
         self.plan = plan
         self.on_connection = on_connection
@@ -267,6 +272,8 @@ class Netstack:
 
     async def _dns(self, src: bytes, sport: int, dst: bytes, query: bytes) -> None:
         flow = udp_flow(self, src, sport, dst, DNS_PORT, FlowKind.DNS)
+        if self.processes is not None:
+            self.processes.lookup(flow.conn)
         answer = await self.dns.answer(query)
         if answer is not None and not self.closed:
             self.write(packets.udp_datagram(dst, src, DNS_PORT, sport, answer))

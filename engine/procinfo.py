@@ -31,15 +31,22 @@ def _addr16(ip: str, family: int) -> bytes:
     return raw + bytes(16 - len(raw))
 
 
-def socket_inode(diag: socket.socket, client: tuple[str, int], server: tuple[str, int]) -> int | None:
-    """The inode of the app's socket for a connection (client = the app's own address)."""
+def socket_inode(diag: socket.socket, client: tuple[str, int], server: tuple[str, int],
+                 protocol: int = socket.IPPROTO_TCP) -> int | None:
+    """The inode of the app's TCP or UDP socket for a connection or datagram flow (client =
+    the app's own address)."""
     v6 = ":" in client[0]
-    attempts = [(socket.AF_INET6 if v6 else socket.AF_INET, client[0], server[0])]
+    attempts = [(socket.AF_INET6 if v6 else socket.AF_INET, client, server)]
     if not v6:  # an IPv4 connection made from a dual-stack IPv6 socket
-        attempts.append((socket.AF_INET6, "::ffff:" + client[0], "::ffff:" + server[0]))
+        attempts.append((socket.AF_INET6, ("::ffff:" + client[0], client[1]),
+                         ("::ffff:" + server[0], server[1])))
     for seq, (family, src, dst) in enumerate(attempts, 1):
-        req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-        req += _SOCKID.pack(client[1], server[1], _addr16(src, family), _addr16(dst, family))
+        if protocol == socket.IPPROTO_UDP:
+            # The kernel's UDP lookup takes the addresses the other way round (udp_diag.c:
+            # "src and dst are swapped for historical reasons").
+            src, dst = dst, src
+        req = _REQ.pack(family, protocol, 0, 0, 0xFFFFFFFF)
+        req += _SOCKID.pack(src[1], dst[1], _addr16(src[0], family), _addr16(dst[0], family))
         req += _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
         msg = _NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + req
         try:
@@ -107,7 +114,8 @@ class ProcessFinder:
         """Fill in info.pid and info.command, if the app's socket is still open."""
         if self.diag is None or info.pid is not None:
             return
-        inode = socket_inode(self.diag, info.client, info.server)
+        protocol = socket.IPPROTO_UDP if info.transport == "udp" else socket.IPPROTO_TCP
+        inode = socket_inode(self.diag, info.client, info.server, protocol)
         if inode is None:
             return
         target = f"socket:[{inode}]"

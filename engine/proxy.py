@@ -326,6 +326,7 @@ class Relay:
 
     def _record_failure(self, why: str) -> None:
         """The connection ends before any exchange: a raw flow with the error, and its line."""
+        self._find_process()  # (before the app hears of it: its socket is still open)
         self.mode = "closed"
         self.error = why
         self.proxy.relays.discard(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -353,3 +354,29 @@ def test_dns_queries_and_udp_exchanges_become_flows(udp_echo: servers.UdpEcho, t
         assert [(f.bytes_sent, f.bytes_received) for f in udp] == [(4, 9)]
     finally:
         store.close()
+
+
+def _jsonl_flows(*command: str) -> list[dict]:
+    result = run_tapui("--no-ui", "-q", "--no-save", "--jsonl", "-", "--", *command)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_dns_flows_name_the_process_that_asked() -> None:
+    flows = _jsonl_flows(PY, client("netcheck.py"), "resolve", HOST)
+    dns = [f for f in flows if f["kind"] == "dns"]
+    assert dns and all(f["pid"] and "netcheck.py resolve" in f["command"] for f in dns), dns
+
+
+def test_relayed_udp_flows_name_their_process(udp_echo: servers.UdpEcho) -> None:
+    flows = _jsonl_flows(PY, client("netcheck.py"), "udp", HOST, str(udp_echo.port))
+    udp = [f for f in flows if f["kind"] == "udp"]
+    assert len(udp) == 1 and udp[0]["pid"] and "netcheck.py udp" in udp[0]["command"], udp
+
+
+def test_a_refused_connection_names_the_process_that_dialled() -> None:
+    port = servers.free_port()
+    flows = _jsonl_flows(PY, client("netcheck.py"), "connect", HOST, str(port), "4")
+    refused = [f for f in flows if f["kind"] == "tcp"]
+    assert refused and all("connection refused" in f["error"] for f in refused), refused
+    assert all(f["pid"] and "netcheck.py connect" in f["command"] for f in refused), refused
