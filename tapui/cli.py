@@ -45,11 +45,12 @@ def size_arg(text: str) -> int:
     units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
+        size = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10M or 512K)") from None
+    if size < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return size
 
 
 def add_host_arg(text: str) -> tuple[str, str]:
@@ -241,6 +242,9 @@ def cmd_run(argv: list[str]) -> int:
     for path in args.upstream_ca:
         if not os.path.isfile(path):
             parser.error(f"--upstream-ca {path}: no such file")
+        why = unloadable_ca(path)
+        if why:
+            parser.error(f"--upstream-ca {path}: {why}")
     import re
 
     for pattern in args.ignore_hosts:
@@ -250,6 +254,10 @@ def cmd_run(argv: list[str]) -> int:
             parser.error(f"--ignore-hosts {pattern!r}: {exc}")
     if args.save and args.no_save:
         parser.error("--save and --no-save exclude each other")
+    if args.har:
+        why = unwritable(args.har)
+        if why:  # said now, not after the command has run
+            parser.error(f"--har {args.har}: {why}")
     # The sandbox helper starts now, so its interpreter and pyroute2 load while the rest of
     # tapui does (about 0.15 s sooner to the command).
     new_session, own_process_group = command_placement(
@@ -304,6 +312,32 @@ def _run(args: argparse.Namespace, command: list[str], options: CaptureOptions) 
         if writer is not None:
             writer.close()
     return code
+
+
+def unloadable_ca(path: str) -> str | None:
+    """Why `path` cannot serve as trust anchors (PEM certificates), or None."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        return "no certificate in it (one or more PEM certificates expected)"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def unwritable(path: str) -> str | None:
+    """Why a file could not be written at `path` later, or None."""
+    if os.path.isdir(path):
+        return "is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"no such directory: {parent}"
+    target = path if os.path.exists(path) else parent
+    if not os.access(target, os.W_OK):
+        return "permission denied"
+    return None
 
 
 def _warn_once_when_saving_stops(writer: SessionWriter):  # type: ignore[no-untyped-def]
