@@ -199,12 +199,20 @@ def cmd_ca(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tapui ca", description="Show tapui's CA certificate.")
     parser.add_argument("--pem", metavar="FILE", help="write the CA certificate (PEM) to FILE ('-' for stdout)")
     args = parser.parse_args(argv)
-    ca = tls.CertificateAuthority.load_or_create(tls.default_directory())
+    try:
+        ca = tls.CertificateAuthority.load_or_create(tls.default_directory())
+    except OSError as exc:
+        raise TapuiError(f"tapui: cannot prepare the CA in {tls.default_directory()}: "
+                         f"{exc.strerror or exc}", EXIT_INTERNAL) from None
     if args.pem == "-":
         sys.stdout.write(ca.cert_pem.decode())
         return 0
     if args.pem:
-        Path(args.pem).write_bytes(ca.cert_pem)
+        try:
+            Path(args.pem).write_bytes(ca.cert_pem)
+        except OSError as exc:
+            raise TapuiError(f"tapui ca: cannot write {args.pem}: {exc.strerror or exc}",
+                             EXIT_USAGE) from None
     print(f"certificate: {ca.cert_path}")
     print(f"fingerprint (SHA-256): {ca.fingerprint}")
     print("trusted only inside tapui's sandboxes; never installed system-wide")

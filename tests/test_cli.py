@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,12 @@ def test_bad_option_is_refused_before_the_command_runs(tmp_path: Path, case: str
     assert message.replace("{tmp}", str(tmp_path)) in result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists()
+
+
+def test_ca_pem_to_a_path_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"))
+    result = run_tapui("ca", "--pem", str(tmp_path / "missing" / "ca.pem"), env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"tapui ca: cannot write {tmp_path / 'missing' / 'ca.pem'}: No such file or directory")
