@@ -36,7 +36,6 @@ def test_bad_option_is_refused_before_the_command_runs(tmp_path: Path, case: str
 
 
 def test_ca_pem_to_a_path_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
-
     env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"))
     result = run_tapui("ca", "--pem", str(tmp_path / "missing" / "ca.pem"), env=env)
     assert result.returncode == 2
