@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import session  # noqa: E402
+from engine import session, session_db  # noqa: E402
 from engine.flow import Body, Connection, Flow, FlowBus, Request, Response  # noqa: E402
 
 HOSTS = [f"{kind}{n}.example.test" for kind in ("api", "cdn", "img", "auth", "shop")
@@ -112,7 +112,7 @@ def generate(path: Path, flows: int) -> None:
     """Fill a session with plain SQL inserts in big transactions (not through the writer)."""
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         p.unlink(missing_ok=True)
-    conn = session.connect(path, create=True)
+    conn = session_db.connect(path, create=True)
     conn.execute("PRAGMA cache_size = -262144")
     traffic = Traffic()
     names: dict[str, int] = {}
@@ -153,10 +153,10 @@ def generate(path: Path, flows: int) -> None:
                 "rs": [d["status"], "OK", "HTTP/1.1", d["resp_headers"], []],
             }, separators=(",", ":"))))
             bodies.append((rid * 2 + 1, rid, 1, size, size, d["body"]))
-            texts.append((rid, f"{url}\n{d['method']}", session.header_text(d["req_headers"]),
-                          session.header_text(d["resp_headers"]), None, d["text"], None))
-        conn.executemany(f"INSERT INTO flows(id, {', '.join(session.FLOW_COLUMNS)}) VALUES "
-                         f"({', '.join('?' * (len(session.FLOW_COLUMNS) + 1))})", rows)
+            texts.append((rid, f"{url}\n{d['method']}", session_db.header_text(d["req_headers"]),
+                          session_db.header_text(d["resp_headers"]), None, d["text"], None))
+        conn.executemany(f"INSERT INTO flows(id, {', '.join(session_db.FLOW_COLUMNS)}) VALUES "
+                         f"({', '.join('?' * (len(session_db.FLOW_COLUMNS) + 1))})", rows)
         conn.executemany("INSERT INTO details VALUES (?, ?)", details)
         conn.executemany("INSERT INTO bodies VALUES (?, ?, ?, ?, ?, 0, ?)",
                          bodies)
@@ -180,7 +180,7 @@ def generate(path: Path, flows: int) -> None:
     conn.execute("INSERT INTO search(search) VALUES ('optimize')")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
-    print(f"\n  generated in {time.monotonic() - t0:.0f}s: {session.file_size(path) / 2**30:.2f}"
+    print(f"\n  generated in {time.monotonic() - t0:.0f}s: {session_db.file_size(path) / 2**30:.2f}"
           f" GiB on disk, {body_bytes / 2**30:.2f} GiB of bodies")
 
 
@@ -309,7 +309,7 @@ def main() -> int:
     figures.update(ingest(args.path.with_name("tapui-bench-ingest.tapui"), args.ingest_flows))
     targets = {"open_s": 1.0, "filter_d_s": 0.2, "grep_body_s": 0.5, "rss_mb": 300}
     print(f"\nsession: {figures['flows']:,.0f} flows, "
-          f"{session.file_size(args.path) / 2**30:.2f} GiB on disk")
+          f"{session_db.file_size(args.path) / 2**30:.2f} GiB on disk")
     for key, value in figures.items():
         if key == "flows":
             continue

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from engine import session
+from engine import session_db
 from engine.flow import (
     Body,
     Certificate,
@@ -94,7 +94,7 @@ class SessionStore:
     def __init__(self, path: str | os.PathLike[str], *, temporary: bool = False) -> None:
         self.path = Path(path)
         self.temporary = temporary
-        self._conn = session.connect(path)
+        self._conn = session_db.connect(path)
         self._lock = threading.RLock()
         self.queue: queue.SimpleQueue[FlowEvent] = queue.SimpleQueue()
         self.filter_expr = ""
@@ -113,8 +113,8 @@ class SessionStore:
         self._summing: threading.Thread | None = None
         self._resort_due = False
         self._built_at = 0.0
-        self.counters = session.SessionCounters()
-        meta = session.read_meta(self._conn)
+        self.counters = session_db.SessionCounters()
+        meta = session_db.read_meta(self._conn)
         self.command: list[str] = list(meta.get("command") or [])
         self.started: float | None = meta.get("started")
         self._update_totals(force=True)
@@ -164,7 +164,7 @@ class SessionStore:
 
     def add(self, flows: Iterable[Flow]) -> None:
         """Write finished flows into the session file (e.g. an imported HAR)."""
-        db = session.SessionDB(self.path)
+        db = session_db.SessionDB(self.path)
         try:
             db.begin()
             for flow in flows:
@@ -214,9 +214,9 @@ class SessionStore:
             return
         self._totals_at = time.monotonic()
         self._count = self._query("SELECT count(*) FROM flows WHERE id > ?", (self._floor,))[0][0]
-        meta = session.read_meta(self._conn)
-        known = session.SessionCounters.__dataclass_fields__
-        self.counters = session.SessionCounters(
+        meta = session_db.read_meta(self._conn)
+        known = session_db.SessionCounters.__dataclass_fields__
+        self.counters = session_db.SessionCounters(
             **{k: v for k, v in meta.get("counters", {}).items() if k in known})
         if self._summing is None or not self._summing.is_alive():
             self._summing = threading.Thread(target=self._sum_sizes, args=(self._floor,),

@@ -29,15 +29,8 @@ from dataclasses import asdict
 from typing import Any
 
 from engine.flow import Body, Flow
-from engine.session import (
-    FRAME,
-    FRAME_BATCH,
-    FRAME_CHUNK,
-    FRAME_END,
-    FRAME_FLUSH,
-    SessionDB,
-    SessionError,
-)
+from engine.session import FRAME, FRAME_BATCH, FRAME_CHUNK, FRAME_END, FRAME_FLUSH
+from engine.session_db import SessionDB, SessionError
 
 #: Seconds spent indexing at end of input when tapui did not say (it died).
 INDEX_FOR = 2.0

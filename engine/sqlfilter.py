@@ -1,4 +1,4 @@
-"""The filter language (engine.filters) compiled to SQL over a session file (engine.session).
+"""The filter language (engine.filters) compiled to SQL over a session file (engine.session_db).
 
 Every operator becomes a SQL expression over `flows f` with the same meaning as the Python
 predicate:

@@ -359,7 +359,7 @@ def run_viewer(path: str) -> int:
     """`tapui open FILE`: browse a session file or a HAR file. Returns the exit code."""
     from engine.errors import TapuiError
     from engine.har import HarError
-    from engine.session import open_any
+    from engine.sessions import open_any
 
     try:
         store = open_any(path)

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args_list and args_list[0] == "ca":
             return cmd_ca(args_list[1:])
         if args_list and args_list[0] == "sessions":
-            from engine.session import cmd_sessions
+            from engine.sessions import cmd_sessions
 
             return cmd_sessions(args_list[1:])
         return cmd_run(args_list)

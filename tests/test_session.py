@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import session
+from engine import session, session_db, sessions
 from engine.flow import (
     Body,
     Connection,
@@ -30,8 +30,10 @@ from engine.flow import (
     WebSocketMessage,
 )
 from engine.har import HarError, har_entry, write_har
-from engine.session import SessionError, SessionWriter, import_har, open_any
+from engine.session import SessionWriter
+from engine.session_db import SessionError
 from engine.session_store import SessionStore
+from engine.sessions import import_har, open_any
 from tests import servers
 from tests.conftest import HOST, ROOT, tapui_command
 
@@ -279,7 +281,7 @@ def test_writer_process_commits_everything_it_was_sent_after_kill_9_of_tapui(
     lock.execute("ROLLBACK")
     lock.close()
     wait_exited(writer_pid)
-    assert session.session_info(path).ended is not None  # finished, not cut off
+    assert sessions.session_info(path).ended is not None  # finished, not cut off
     store = SessionStore(path)
     by_i = {int(flow.request.path[1:]): flow for flow in store}
     assert sorted(by_i) == sent
@@ -452,8 +454,8 @@ def test_newer_schema_gives_a_clear_message(tmp_path: Path) -> None:
 
 def test_older_schema_is_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = make_session(tmp_path / "old.tapui")
-    monkeypatch.setattr(session, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(session.MIGRATIONS, 1,
+    monkeypatch.setattr(session_db, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(session_db.MIGRATIONS, 1,
                         lambda conn: conn.execute("ALTER TABLE flows ADD COLUMN note TEXT"))
     store = open_any(path)
     assert store.view_len == 3 and store.view_flow(0).response.status == 404
@@ -465,7 +467,7 @@ def test_older_schema_is_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_older_schema_without_migration_gives_a_clear_message(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = make_session(tmp_path / "old.tapui")
-    monkeypatch.setattr(session, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(session_db, "SCHEMA_VERSION", 3)
     with pytest.raises(SessionError, match="cannot upgrade"):
         open_any(path)
 
@@ -477,7 +479,7 @@ def test_foreign_and_damaged_files_give_clear_messages(tmp_path: Path) -> None:
     with pytest.raises(SessionError, match="not a tapui session"):
         open_any(other)
     damaged = tmp_path / "damaged.tapui"
-    damaged.write_bytes(session.SQLITE_MAGIC + os.urandom(8192))
+    damaged.write_bytes(session_db.SQLITE_MAGIC + os.urandom(8192))
     with pytest.raises(SessionError, match="damaged|not a tapui session"):
         open_any(damaged)
     text = tmp_path / "notes.txt"
@@ -494,7 +496,7 @@ def test_open_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     path = make_session(tmp_path / "new.tapui")
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA user_version = 99")
-    code = ("import sys\nfrom engine.errors import TapuiError\nfrom engine.session import "
+    code = ("import sys\nfrom engine.errors import TapuiError\nfrom engine.sessions import "
             "open_any\ntry:\n    open_any(sys.argv[1])\nexcept TapuiError as e:\n"
             "    print(e, file=sys.stderr); sys.exit(e.exit_code)\n")
     result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT,
@@ -582,7 +584,7 @@ def test_max_session_size_drops_oldest_bodies_and_keeps_metadata(tmp_path: Path)
     counters = writer.counters
     assert counters.bodies_dropped > 100 and counters.bytes_dropped > 5_000_000
     writer.close()
-    assert session.file_size(writer.path) < 3 * 1024 * 1024
+    assert session_db.file_size(writer.path) < 3 * 1024 * 1024
     store = SessionStore(writer.path)
     assert len(store) == 200 and store.counters.bodies_dropped == counters.bodies_dropped
     oldest, newest = store.view_flow(0), store.view_flow(199)
@@ -613,7 +615,7 @@ def test_default_sessions_are_kept_listed_and_pruned(tmp_path: Path,
     directory = tmp_path / "tapui" / "sessions"
     directory.mkdir(parents=True)
     for i in range(12):
-        old = directory / f"session-old-{i:02d}{session.SUFFIX}"
+        old = directory / f"session-old-{i:02d}{session_db.SUFFIX}"
         make_session(old, n=1)
         os.utime(old, (time.time() - 3600 + i, time.time() - 3600 + i))
     bus = FlowBus()
@@ -621,12 +623,12 @@ def test_default_sessions_are_kept_listed_and_pruned(tmp_path: Path,
     emit(bus, http_flow(1, b"{}"))
     writer.close()
     assert writer.path.parent == directory
-    kept = sorted(directory.glob(f"*{session.SUFFIX}"))
-    assert len(kept) == session.KEEP_SESSIONS and writer.path in kept
-    assert session.cmd_sessions([]) == 0
+    kept = sorted(directory.glob(f"*{session_db.SUFFIX}"))
+    assert len(kept) == sessions.KEEP_SESSIONS and writer.path in kept
+    assert sessions.cmd_sessions([]) == 0
     out = capsys.readouterr().out
     assert "curl -s http://x.test/" in out and str(writer.path) in out
-    assert len(out.strip().splitlines()) == session.KEEP_SESSIONS + 1
+    assert len(out.strip().splitlines()) == sessions.KEEP_SESSIONS + 1
 
 
 def test_save_refuses_a_file_that_is_not_a_session(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from engine.flow import (
     Response,
     WebSocketMessage,
 )
-from engine.session import SessionDB
+from engine.session_db import SessionDB
 from engine.sqlfilter import compile_expr, required_literal, trigram_query
 
 HOSTS = ["api.example.test", "cdn.Example.test:8443", "[::1]:8080", "hello.test", "é.test"]
