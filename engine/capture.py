@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import heap, tempdirs, tls
+from engine import ca, heap, tempdirs
 from engine.addresses import GATEWAY_V4, AddressPlan
 from engine.errors import EXIT_INTERNAL, TapuiError
 from engine.flow import ConnectionSummary, FlowBus
@@ -104,7 +104,7 @@ class Capture:
         self.workdir = tempdirs.make("run")
         self.sandbox: Sandbox | None = None
         self.tun_fd: int | None = None
-        self.ca: tls.CertificateAuthority | None = None
+        self.ca: ca.CertificateAuthority | None = None
         self.proxy: Proxy | None = None
         self.netstack: Netstack | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -120,10 +120,10 @@ class Capture:
         if not self.options.intercept_tls:
             return mounts
         try:
-            self.ca = tls.CertificateAuthority.load_or_create(
-                self.options.ca_dir or tls.default_directory()
+            self.ca = ca.CertificateAuthority.load_or_create(
+                self.options.ca_dir or ca.default_directory()
             )
-            bundle = tls.trust_bundle(self.ca, self.workdir)
+            bundle = ca.trust_bundle(self.ca, self.workdir)
         except OSError as exc:
             raise TapuiError(
                 f"tapui cannot prepare its certificate authority: {exc}", EXIT_INTERNAL
@@ -139,7 +139,7 @@ class Capture:
             env[name] = str(bundle)
         env["NODE_EXTRA_CA_CERTS"] = str(self.ca.cert_path)
         try:
-            store = tls.java_truststore(self.ca, self.workdir)
+            store = ca.java_truststore(self.ca, self.workdir)
         except Exception:  # noqa: BLE001 - Java trust is a convenience
             store = None
         if store is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from engine import procinfo, sniff, tls
 from engine.addresses import AddressPlan
+from engine.ca import CertificateAuthority
 from engine.dns import DnsResolver
 from engine.flow import Connection, ConnectionSummary, FlowBus, Timings, next_connection_id
 from engine.observer import StreamObserver
@@ -108,7 +109,7 @@ class Proxy:
         plan: AddressPlan,
         bus: FlowBus,
         options: ProxyOptions,
-        ca: tls.CertificateAuthority | None,
+        ca: CertificateAuthority | None,
         processes: procinfo.ProcessFinder | None = None,
     ) -> None:
         self.loop = loop

@@ -194,15 +194,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_ca(argv: list[str]) -> int:
-    from engine import tls
+    from engine.ca import CertificateAuthority, default_directory
 
     parser = argparse.ArgumentParser(prog="tapui ca", description="Show tapui's CA certificate.")
     parser.add_argument("--pem", metavar="FILE", help="write the CA certificate (PEM) to FILE ('-' for stdout)")
     args = parser.parse_args(argv)
     try:
-        ca = tls.CertificateAuthority.load_or_create(tls.default_directory())
+        ca = CertificateAuthority.load_or_create(default_directory())
     except OSError as exc:
-        raise TapuiError(f"tapui: cannot prepare the CA in {tls.default_directory()}: "
+        raise TapuiError(f"tapui: cannot prepare the CA in {default_directory()}: "
                          f"{exc.strerror or exc}", EXIT_INTERNAL) from None
     if args.pem == "-":
         sys.stdout.write(ca.cert_pem.decode())

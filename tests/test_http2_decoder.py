@@ -16,9 +16,9 @@ import pytest
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
+from engine.ca import CertificateAuthority
 from engine.flow import Connection, EventKind, Flow, FlowBus, FlowEvent, FlowState
 from engine.http2 import Http2Observer
-from engine.tls import CertificateAuthority
 
 LOCAL = "127.0.0.1"
 

@@ -12,16 +12,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from engine.tls import (
-    CertificateAuthority,
-    NotTLS,
-    cert_info,
-    default_directory,
-    java_truststore,
-    parse_client_hello,
-    trust_bundle,
-    upstream_context,
-)
+from engine.ca import CertificateAuthority, default_directory, java_truststore, trust_bundle
+from engine.tls import NotTLS, cert_info, parse_client_hello, upstream_context
 
 
 @pytest.fixture(scope="module")
