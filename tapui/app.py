@@ -134,7 +134,7 @@ class TapuiApp(App[int]):
                 lines = self._reader.drain()
                 if lines:
                     self.output_panel.add_lines(lines)
-            self.update_status()
+            self.update_status(at_once=False)
 
     def _keep_flows_in_memory(self, failure: str) -> None:
         """The session writer died: list what it saved plus every flow since, from memory,
@@ -166,7 +166,9 @@ class TapuiApp(App[int]):
             title="session not saved", severity="error", timeout=30,
         )
 
-    def update_status(self) -> None:
+    def update_status(self, *, at_once: bool = True) -> None:
+        """The status bar; a tick passes at_once=False, so counts of a stream follow at a
+        steady pace (see StatusBar.show)."""
         status = self.status
         if status is not None:
             state = (status.state, status.exit_code)
@@ -187,7 +189,7 @@ class TapuiApp(App[int]):
             follow=flows.follow, marked=len(flows.marked), hide_raw=store.hide_raw,
             retention=" · ".join(filter(None, [
                 self._session_note, retention_note(getattr(store, "counters", None))])),
-        ))
+        ), at_once=at_once)
 
     def on_view_changed(self, message: ViewChanged) -> None:
         self.update_status()

@@ -277,12 +277,61 @@ async def test_flows_arriving_below_the_window_do_not_repaint_its_rows() -> None
         await wait_for(pilot, lambda: app.store.view_len == 100)
         await pilot.pause(0.2)
         assert painted == []  # the scrollbar and the status bar changed, no row did
-        assert "100/100 flows" in str(app.query_one("#status").render())
+        await wait_for(pilot, lambda: "100/100 flows" in str(app.query_one("#status").render()))
         first = app.store.view_flow(0)
         first.response.status = 503  # type: ignore[union-attr]
         bus.update(first)
         await wait_for(pilot, lambda: painted)  # a row in the window changed: repainted
         assert "503" in render_line(1).text
+
+
+@asynctest
+async def test_a_stream_below_the_window_moves_the_scrollbar_at_a_steady_pace() -> None:
+    """Repainting the scrollbar at every tick held the interpreter the relay shares: while
+    flows stream in below the window it follows twice a second, and catches up when the
+    stream stops."""
+    bus = FlowBus()
+    app = TapuiApp(bus=bus)
+    async with app.run_test(size=SIZE) as pilot:
+        _emit_from_thread(bus, 1, 60).join()
+        await wait_for(pilot, lambda: app.flow_list.virtual_size.height == 61)
+        await pilot.pause(0.1)
+        _emit_from_thread(bus, 61, 40).join()
+        await wait_for(pilot, lambda: app.store.view_len == 100)
+        assert app.flow_list.virtual_size.height == 61  # not yet: the last resize was just now
+        await wait_for(pilot, lambda: app.flow_list.virtual_size.height == 101, timeout=1.0)
+
+
+@asynctest
+async def test_the_status_bar_counts_a_stream_at_a_steady_pace() -> None:
+    bus = FlowBus()
+    app = TapuiApp(bus=bus)
+    async with app.run_test(size=SIZE) as pilot:
+        status = app.query_one("#status")
+        _emit_from_thread(bus, 1, 60).join()
+        await wait_for(pilot, lambda: "60/60 flows" in str(status.render()))
+        _emit_from_thread(bus, 61, 40).join()
+        await wait_for(pilot, lambda: app.store.view_len == 100)
+        assert "60/60 flows" in str(status.render())  # not yet: the last count was just now
+        await wait_for(pilot, lambda: "100/100 flows" in str(status.render()), timeout=1.0)
+
+
+@asynctest
+async def test_moving_through_the_list_sees_every_flow_at_once() -> None:
+    bus = FlowBus()
+    app = TapuiApp(bus=bus)
+    async with app.run_test(size=SIZE) as pilot:
+        _emit_from_thread(bus, 1, 60).join()
+        await wait_for(pilot, lambda: app.flow_list.virtual_size.height == 61)
+        await pilot.pause(0.1)
+        _emit_from_thread(bus, 61, 40).join()
+        await wait_for(pilot, lambda: app.store.view_len == 100)
+        await pilot.press("G")
+        assert app.flow_list.virtual_size.height == 101
+        assert app.flow_list.selected is not None and app.flow_list.selected.id == 100
+        assert "100/100 flows" in str(app.query_one("#status").render())  # a key: at once
+        rows = app.flow_list.scrollable_content_region.height - 1  # (a header line)
+        assert round(app.flow_list.scroll_y) == 100 - rows  # the newest flow is in the window
 
 
 # --- detail -------------------------------------------------------------------------------------

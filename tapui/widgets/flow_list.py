@@ -14,6 +14,7 @@ from textual.binding import Binding
 from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
+from textual.timer import Timer
 
 from engine.flow import Flow, FlowKind, FlowState, header
 from engine.store import SORT_KEYS, FlowStore, flow_size
@@ -64,6 +65,12 @@ class Column:
     width: int
     right: bool = False
 
+
+#: While flows stream in below the window, the scrollable size (and with it the scrollbar)
+#: follows at most this often. Repainting the scrollbar at every tick held the interpreter,
+#: which the relay shares, for several ms a tick: the app's slowest connections under the UI
+#: took twice as long. Moving through the list always sees every flow.
+RESIZE_INTERVAL = 0.5
 
 _FIXED = [  # name, title, width, right-aligned, dropped first when narrow (higher = sooner)
     ("mark", "", 1, False, 0),
@@ -205,6 +212,8 @@ class FlowList(ScrollView, can_focus=True):
         self._columns: list[Column] = []
         self._columns_width = -1
         self._shown: tuple[object, ...] = ()  # what sync() last had painted (_view_signature)
+        self._resized_at = 0.0  # when the scrollable size last followed the store
+        self._catch_up: Timer | None = None  # a resize put off by _resize
 
     # --- state --------------------------------------------------------------------------------
 
@@ -224,7 +233,6 @@ class FlowList(ScrollView, can_focus=True):
     def sync(self) -> None:
         """Call after the store changed: resize, keep the cursor on its flow, follow, repaint."""
         count = self.store.view_len
-        self._set_virtual_size(Size(self.size.width, count + 1))
         if self.follow:
             self.cursor = max(count - 1, 0)
         elif self._cursor_id is not None:
@@ -234,11 +242,36 @@ class FlowList(ScrollView, can_focus=True):
         self.cursor = min(max(self.cursor, 0), max(count - 1, 0))
         selected = self.selected
         self._cursor_id = selected.id if selected is not None else None
+        self._resize(count)
         self._scroll_to_cursor()
         shown = self._view_signature()
         if shown != self._shown:
             self._shown = shown
             self.refresh()
+
+    def _resize(self, count: int, *, now: bool = False) -> None:
+        """Make the scrollable size fit `count` flows: at once when the list shrank, the
+        window or the cursor reaches its old end, or `now`; else at most every
+        RESIZE_INTERVAL."""
+        old = self.virtual_size
+        if (
+            not now
+            and not self.follow
+            and old.width == self.size.width
+            and old.height <= count + 1
+            and round(self.scroll_y) + self._rows_visible() + 1 < old.height
+            and self.cursor + 1 < old.height
+            and time.monotonic() - self._resized_at < RESIZE_INTERVAL
+        ):
+            if self._catch_up is None:  # (the stream may stop before the next sync)
+                self._catch_up = self.set_timer(RESIZE_INTERVAL, self._caught_up)
+            return
+        self._resized_at = time.monotonic()
+        self._set_virtual_size(Size(self.size.width, count + 1))
+
+    def _caught_up(self) -> None:
+        self._catch_up = None
+        self._resize(self.store.view_len, now=True)
 
     def _set_virtual_size(self, size: Size) -> None:
         """Resize the scrollable area, updating only the scrollbars: assigning the reactive
@@ -267,6 +300,7 @@ class FlowList(ScrollView, can_focus=True):
     def _move(self, cursor: int) -> None:
         self.follow = False
         count = self.store.view_len
+        self._resize(count, now=True)
         self.cursor = min(max(cursor, 0), max(count - 1, 0))
         selected = self.selected
         self._cursor_id = selected.id if selected is not None else None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from rich.text import Text
 from textual.widgets import Static
@@ -32,6 +33,10 @@ class StatusInfo:
     retention: str = ""  # what --max-body-size / --max-session-size / disk errors cost
 
 
+#: While flows stream in, the counts follow at most this often: re-rendering the bar at every
+#: tick held the interpreter the relay shares for a millisecond or more each time.
+COUNTS_INTERVAL = 0.5
+
 _STATE_STYLE = {
     CommandState.STARTING: "yellow",
     CommandState.RUNNING: "green",
@@ -46,6 +51,7 @@ class StatusBar(Static):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__("", id=id)
         self._last: StatusInfo | None = None
+        self._shown_at = 0.0
 
     @classmethod
     def snapshot(cls, status: RunStatus | None, **fields: object) -> StatusInfo:
@@ -55,10 +61,23 @@ class StatusBar(Static):
         return StatusInfo(tuple(status.command), status.state, status.exit_code,
                           status.message, **fields)
 
-    def show(self, info: StatusInfo) -> None:
-        if info == self._last:
+    def show(self, info: StatusInfo, *, at_once: bool = False) -> None:
+        """Show `info`; while only the counts move (flows streaming in), at most every
+        COUNTS_INTERVAL, unless `at_once` (the user did something)."""
+        last = self._last
+        if info == last:
             return
+        now = time.monotonic()
+        if (
+            not at_once
+            and last is not None
+            and replace(info, shown=last.shown, total=last.total, total_bytes=last.total_bytes)
+            == last
+            and now - self._shown_at < COUNTS_INTERVAL
+        ):
+            return  # (the tick after the interval shows the counts of then)
         self._last = info
+        self._shown_at = now
         # One line whose size never changes: no layout pass (it would reflow the whole screen
         # at every tick while flows stream in).
         self.update(self.render_info(info), layout=False)
