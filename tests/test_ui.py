@@ -25,7 +25,7 @@ from tapui.app import TapuiApp, run_har_viewer
 from tapui.widgets.export_dialog import ExportDialog
 from tapui.widgets.filter_bar import FilterBar
 from tapui.widgets.flow_detail import FlowDetail
-from tapui.widgets.flow_list import cells
+from tapui.widgets.flow_list import FlowList, cells
 from tapui.widgets.help_screen import HelpScreen, key_label
 from tapui.widgets.output_panel import OutputPanel, clean_line
 from tests.ui_fixtures import make_flow, raw_flow, sample_flows
@@ -283,6 +283,16 @@ async def test_flows_arriving_below_the_window_do_not_repaint_its_rows() -> None
         bus.update(first)
         await wait_for(pilot, lambda: painted)  # a row in the window changed: repainted
         assert "503" in render_line(1).text
+
+
+def test_the_lists_repaint_check_needs_no_styles() -> None:
+    """A tick may come before the list's styles are applied: at start-up, with flows already
+    waiting, the check once failed the app ("No 'flow-list--2xx' key in COMPONENT_CLASSES")."""
+    store = FlowStore()
+    store.add(sample_flows())
+    flow_list = FlowList(store)
+    signature = flow_list._view_signature()
+    assert signature[3][1] == "2xx"  # the first row's class: its colour
 
 
 @asynctest

@@ -66,6 +66,17 @@ class Column:
     right: bool = False
 
 
+def row_class(flow: Flow) -> str:
+    """The component class a flow's row is drawn with (its colour)."""
+    if flow.error is not None:
+        return "error"
+    if flow.kind in (FlowKind.TCP, FlowKind.UDP, FlowKind.DNS):
+        return "raw"
+    if flow.response is not None:
+        return f"{min(max(flow.response.status // 100, 1), 5)}xx"
+    return "pending"
+
+
 #: While flows stream in below the window, the scrollable size (and with it the scrollbar)
 #: follows at most this often. Repainting the scrollbar at every tick held the interpreter,
 #: which the relay shares, for several ms a tick: the app's slowest connections under the UI
@@ -294,7 +305,9 @@ class FlowList(ScrollView, can_focus=True):
         rows = []
         for row in range(top, end):
             flow = self.store.view_flow(row)
-            rows.append((flow.id in self.marked, self._row_style(flow), *cells(flow).values()))
+            # (the class, not the style: this runs on ticks, which may come before the
+            # widget's styles are applied)
+            rows.append((flow.id in self.marked, row_class(flow), *cells(flow).values()))
         return (self.scrollable_content_region.size, top, self.cursor, *rows)
 
     def _move(self, cursor: int) -> None:
@@ -390,15 +403,7 @@ class FlowList(ScrollView, can_focus=True):
         return self._columns
 
     def _row_style(self, flow: Flow) -> Style:
-        if flow.error is not None:
-            name = "error"
-        elif flow.kind in (FlowKind.TCP, FlowKind.UDP, FlowKind.DNS):
-            name = "raw"
-        elif flow.response is not None:
-            name = f"{min(max(flow.response.status // 100, 1), 5)}xx"
-        else:
-            name = "pending"
-        return self.get_component_rich_style(f"flow-list--{name}")
+        return self.get_component_rich_style(f"flow-list--{row_class(flow)}")
 
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
