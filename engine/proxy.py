@@ -213,7 +213,6 @@ class Relay:
         self.proxy = proxy
         self.app = conn
         self.upstream: UpstreamTransport | None = None
-        self.protocol = UpstreamSide(self)
         self.observer: StreamObserver | None = None
         self.mode = "sniff"  # sniff -> plain | tls-handshake -> tls | closed
         self.pending = bytearray()  # app bytes held while sniffing or handshaking
@@ -315,7 +314,7 @@ class Relay:
             sock.close()
             return
         self.upstream = UpstreamTransport(
-            self.proxy.upstream_readers, sock, self.protocol, READ_SIZE, UPSTREAM_HIGH_WATER,
+            self.proxy.upstream_readers, sock, UpstreamSide(self), READ_SIZE, UPSTREAM_HIGH_WATER,
             UPSTREAM_LOW_WATER,
         )
         self.app.accept(AppSide(self))

@@ -120,12 +120,14 @@ class _FlowPickler(pickle.Pickler):
 
     def __init__(self, file: io.BytesIO, hollow: set[int]) -> None:
         super().__init__(file, protocol=5)
-        self.hollow = hollow
-        self.dispatch_table = {**_REDUCERS, Body: self._reduce_body}
+        # (a function, not a bound method: a pickler in a reference cycle would keep every
+        # flow of its batch, through its memo, until a garbage collection)
+        self.dispatch_table = {**_REDUCERS, Body: functools.partial(_reduce_body, hollow)}
 
-    def _reduce_body(self, body: Body) -> tuple[Any, ...]:
-        data = b"" if id(body) in self.hollow else body.read()
-        return _unpickle_body, (body.size, body.cap, data)
+
+def _reduce_body(hollow: set[int], body: Body) -> tuple[Any, ...]:
+    data = b"" if id(body) in hollow else body.read()
+    return _unpickle_body, (body.size, body.cap, data)
 
 
 class SessionWriter:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 MAX_EVENTS = 256  # per loop turn; the rest (level-triggered) come on the next
+_GONE = asyncio.Protocol()  # the protocol of a transport whose connection is lost: no-ops
 
 
 class ReadPoller:
@@ -248,3 +249,6 @@ class UpstreamTransport:
             self._protocol.connection_lost(exc)
         finally:
             self._sock.close()
+            # The relay holds this transport and its protocol holds the relay: let go, so
+            # reference counting frees the connection's objects now, not a later collection.
+            self._protocol = _GONE
