@@ -304,12 +304,20 @@ class Capture:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def signal_command(self, signum: int) -> None:
-        """Forward a signal to the command (safe from any thread)."""
+        """Forward a signal to the command (safe from any thread): to its whole process group
+        when it has one of its own (under the UI, or with the terminal), as a terminal would,
+        so the processes it started get it too."""
         if signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             self._stop.set()
-        proc = self.sandbox.proc if self.sandbox is not None else None
-        if proc is not None and proc.returncode is None:
-            try:
+        sandbox = self.sandbox
+        proc = sandbox.proc if sandbox is not None else None
+        if sandbox is None or proc is None or proc.returncode is not None:
+            return
+        own_group = sandbox.cfg.new_session or sandbox.cfg.own_process_group
+        try:
+            if own_group:
+                os.killpg(proc.pid, signum)
+            else:
                 os.kill(proc.pid, signum)
-            except ProcessLookupError:
-                pass
+        except ProcessLookupError:
+            pass

@@ -398,6 +398,8 @@ def open_jsonl(target: str, bus: FlowBus):  # type: ignore[no-untyped-def]
 
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: Under the UI, Ctrl-C and Ctrl-\ are keys; these come from outside and end the run.
+UI_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def run_headless(options: CaptureOptions, bus: FlowBus, status: RunStatus, quiet: bool) -> int:
@@ -472,9 +474,24 @@ def run_with_ui(
         store = SessionStore(writer.path)
     app = TapuiApp(bus=bus, status=status, title="tapui " + " ".join(options.argv), store=store,
                    session=writer)
+
+    def stop(signum: int, _frame: object) -> None:
+        """SIGTERM, or SIGHUP (the terminal went away): the command gets it, as it would
+        without the UI, and the UI closes; the session and the HAR are finished as on `q`.
+        (Python's default was to die at once, leaving the command running cut off from the
+        network, and the terminal in the UI's mode.)"""
+        capture.signal_command(signum)
+        try:
+            asyncio.get_running_loop().call_soon_threadsafe(app.exit)
+        except RuntimeError:  # the UI is not running
+            pass
+
+    previous = {signum: signal.signal(signum, stop) for signum in UI_STOP_SIGNALS}
     try:
         app.run()
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if thread.is_alive():
             capture.signal_command(signal.SIGTERM)
             thread.join(3)

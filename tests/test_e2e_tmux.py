@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -88,19 +89,20 @@ class Tmux:
 
 
 @pytest.fixture
-def tmux(sandbox: None) -> Iterator[Callable[[list[str]], Tmux]]:
-    """`tmux(argv)` runs `tapui -- argv` in a fresh tmux; every server is killed afterwards."""
+def tmux(sandbox: None) -> Iterator[Callable[..., Tmux]]:
+    """`tmux(argv, options)` runs `tapui options -- argv` in a fresh tmux; every server is
+    killed afterwards."""
     if shutil.which("tmux") is None:
         if IN_CI:
             pytest.fail("tmux is not installed")
         pytest.skip("tmux is not installed")
     started: list[Tmux] = []
 
-    def start(argv: list[str]) -> Tmux:
+    def start(argv: list[str], options: tuple[str, ...] = ()) -> Tmux:
         # The shell reports tapui's exit status and stays: tmux's own (remain-on-exit and
         # #{pane_dead_status}) is racy, it can miss the SIGCHLD while it updates utmp for the
         # closed pane and drop the pane's last output.
-        command = (shlex.join(tapui_command("--", *argv))
+        command = (shlex.join(tapui_command(*options, "--", *argv))
                    + '; echo "tapui exited with status $?"; exec sleep 600')
         session = Tmux(command)
         started.append(session)
@@ -226,3 +228,64 @@ def test_list_grows_live_while_the_command_runs(
             assert f"/hello/{i}" in screen
         term.keys("q")
         assert term.exit_status() == 0
+
+
+def _tapui_pid(marker: str) -> int:
+    """The pid of the tapui whose arguments include `marker` (not the tmux holding them)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:3] == [b"-m", b"tapui.cli"] and marker.encode() in argv:
+            return int(entry.name)
+    raise AssertionError(f"no tapui with {marker} runs")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return False
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "terminal closed"])
+def test_a_stopped_ui_ends_the_commands_job_and_writes_the_har(
+    tmux: Callable[..., Tmux], http_port: int, tmp_path: Path, how: str
+) -> None:
+    """Under the UI, SIGTERM or SIGHUP used to kill tapui at once: the command ran on, cut off
+    from the network, and no HAR was written. Now the command's process group gets the signal
+    (a child it left running too) and tapui ends as on `q`."""
+    har, child = tmp_path / "run.har", tmp_path / "child.pid"
+    script = (f"curl -s -o /dev/null http://{HOST}:{http_port}/hello; "
+              f"sleep 300 & echo $! > {child}; wait")
+    term = tmux(["sh", "-c", script], ("--har", str(har)))
+    term.wait(lambda s: "/hello" in s and child.exists() and child.read_text().strip(),
+              "the flow and the child")
+    sleeper = int(child.read_text())
+    try:
+        _stop_and_check(term, how, har, sleeper)
+    finally:
+        if _alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+    entries = json.loads(har.read_text())["log"]["entries"]
+    assert [e["request"]["url"] for e in entries] == [f"http://{HOST}:{http_port}/hello"]
+
+
+def _stop_and_check(term: Tmux, how: str, har: Path, sleeper: int) -> None:
+    """Stop tapui as `how` says; it ends, and so does the child the command left running."""
+    tapui = _tapui_pid(str(har))
+    if how == "SIGTERM":
+        os.kill(tapui, signal.SIGTERM)
+        assert term.exit_status() == 128 + signal.SIGTERM  # the command's own end
+    else:
+        term.kill()  # the terminal goes: tapui gets SIGHUP
+        assert _gone(tapui, 15)
+    assert _gone(sleeper, 5)
