@@ -22,6 +22,8 @@ from engine.har import load_har, write_har
 from engine.runstatus import CommandState, RunStatus
 from engine.store import FlowStore
 from tapui.app import TapuiApp, run_har_viewer
+from tapui.widgets import flow_list as flow_list_module
+from tapui.widgets import status_bar as status_bar_module
 from tapui.widgets.export_dialog import ExportDialog
 from tapui.widgets.filter_bar import FilterBar
 from tapui.widgets.flow_detail import FlowDetail
@@ -295,35 +297,44 @@ def test_the_lists_repaint_check_needs_no_styles() -> None:
     assert signature[3][1] == "2xx"  # the first row's class: its colour
 
 
+PACE = 2.0  # seconds: the tests' own pace, long enough that "not yet" holds on a slow machine
+
+
 @asynctest
-async def test_a_stream_below_the_window_moves_the_scrollbar_at_a_steady_pace() -> None:
+async def test_a_stream_below_the_window_moves_the_scrollbar_at_a_steady_pace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Repainting the scrollbar at every tick held the interpreter the relay shares: while
-    flows stream in below the window it follows twice a second, and catches up when the
-    stream stops."""
+    flows stream in below the window it follows at a steady pace (twice a second), and
+    catches up when the stream stops."""
+    monkeypatch.setattr(flow_list_module, "RESIZE_INTERVAL", PACE)
     bus = FlowBus()
     app = TapuiApp(bus=bus)
     async with app.run_test(size=SIZE) as pilot:
         _emit_from_thread(bus, 1, 60).join()
         await wait_for(pilot, lambda: app.flow_list.virtual_size.height == 61)
-        await pilot.pause(0.1)
         _emit_from_thread(bus, 61, 40).join()
         await wait_for(pilot, lambda: app.store.view_len == 100)
         assert app.flow_list.virtual_size.height == 61  # not yet: the last resize was just now
-        await wait_for(pilot, lambda: app.flow_list.virtual_size.height == 101, timeout=1.0)
+        await wait_for(pilot, lambda: app.flow_list.virtual_size.height == 101,
+                       timeout=PACE + 2)
 
 
 @asynctest
-async def test_the_status_bar_counts_a_stream_at_a_steady_pace() -> None:
+async def test_the_status_bar_counts_a_stream_at_a_steady_pace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(status_bar_module, "COUNTS_INTERVAL", PACE)
     bus = FlowBus()
     app = TapuiApp(bus=bus)
     async with app.run_test(size=SIZE) as pilot:
         status = app.query_one("#status")
         _emit_from_thread(bus, 1, 60).join()
-        await wait_for(pilot, lambda: "60/60 flows" in str(status.render()))
+        await wait_for(pilot, lambda: "60/60 flows" in str(status.render()), timeout=PACE + 2)
         _emit_from_thread(bus, 61, 40).join()
         await wait_for(pilot, lambda: app.store.view_len == 100)
         assert "60/60 flows" in str(status.render())  # not yet: the last count was just now
-        await wait_for(pilot, lambda: "100/100 flows" in str(status.render()), timeout=1.0)
+        await wait_for(pilot, lambda: "100/100 flows" in str(status.render()), timeout=PACE + 2)
 
 
 @asynctest
