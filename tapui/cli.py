@@ -23,17 +23,20 @@ if TYPE_CHECKING:
     from engine.capture import Capture, CaptureOptions
     from engine.session import SessionWriter
 
-EXAMPLES = f"""\
-examples:
-  tapui -- curl -s https://{HOST_ALIAS}:8443/       live UI of every exchange curl makes
-  tapui --no-ui -- python3 app.py                   one line per exchange on stderr
-  tapui --no-ui --har out.har -- ./build.sh         also write a HAR file at exit
-  tapui --add-host api.test:127.0.0.1 -- node app.js   api.test dials the host's loopback
-  tapui open out.har                                browse a saved HAR file
-  tapui open session.tapui                          browse a saved session
-  tapui sessions                                    list the kept sessions
-  tapui ca                                          where tapui's CA is, and its fingerprint
-
+_EXAMPLES = [
+    (f"tapui -- curl -s https://{HOST_ALIAS}:8443/", "live UI of every exchange curl makes"),
+    ("tapui --no-ui -- python3 app.py", "one line per exchange on stderr"),
+    ("tapui --no-ui --har out.har -- ./build.sh", "also write a HAR file at exit"),
+    ("tapui --add-host api.test:127.0.0.1 -- node app.js", "api.test dials the host's loopback"),
+    ("tapui open out.har", "browse a saved HAR file"),
+    ("tapui open session.tapui", "browse a saved session"),
+    ("tapui sessions", "list the kept sessions"),
+    ("tapui ca", "where tapui's CA is, and its fingerprint"),
+]
+_WIDTH = max(len(command) for command, _ in _EXAMPLES) + 3
+EXAMPLES = "examples:\n" + "".join(
+    f"  {command:<{_WIDTH}}{what}\n" for command, what in _EXAMPLES
+) + f"""
 Every run is saved as a session file (SQLite) under ~/.local/state/tapui/sessions
 (the newest 10 are kept) unless --save names one or --no-save is given.
 
