@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,18 @@ def test_ca_pem_to_a_path_that_cannot_be_written_is_a_clear_error(tmp_path: Path
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"tapui ca: cannot write {tmp_path / 'missing' / 'ca.pem'}: No such file or directory")
+
+
+def test_help_explains_every_option_and_shows_examples() -> None:
+    from tapui.cli import build_parser
+
+    result = run_tapui("--help")
+    assert result.returncode == 0
+    options = [a for a in build_parser()._actions if a.option_strings]
+    assert options and all(a.help for a in options)
+    for action in options:
+        assert action.option_strings[-1] in result.stdout
+    examples = result.stdout.split("examples:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(examples) >= 5
+    columns = {re.search(r"\S {3,}(\S)", line).start(1) for line in examples}  # type: ignore[union-attr]
+    assert len(columns) == 1  # the explanations line up
