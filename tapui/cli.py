@@ -401,8 +401,9 @@ def open_jsonl(target: str, bus: FlowBus):  # type: ignore[no-untyped-def]
 
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-#: Under the UI, Ctrl-C and Ctrl-\ are keys; these come from outside and end the run.
-UI_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+#: Under the UI, Ctrl-C and Ctrl-\ are keys; these come from outside and end the run (an
+#: outside SIGINT already does, through Textual).
+UI_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def run_headless(options: CaptureOptions, bus: FlowBus, status: RunStatus, quiet: bool) -> int:
@@ -479,7 +480,7 @@ def run_with_ui(
                    session=writer)
 
     def stop(signum: int, _frame: object) -> None:
-        """SIGTERM, or SIGHUP (the terminal went away): the command gets it, as it would
+        """SIGTERM, SIGQUIT, or SIGHUP (the terminal went away): the command gets it, as it would
         without the UI, and the UI closes; the session and the HAR are finished as on `q`.
         (Python's default was to die at once, leaving the command running cut off from the
         network, and the terminal in the UI's mode.)"""

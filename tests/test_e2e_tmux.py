@@ -289,3 +289,23 @@ def _stop_and_check(term: Tmux, how: str, har: Path, sleeper: int) -> None:
         term.kill()  # the terminal goes: tapui gets SIGHUP
         assert _gone(tapui, 15)
     assert _gone(sleeper, 5)
+
+
+def test_sigquit_under_the_ui_reaches_the_command_and_ends_tapui(
+    tmux: Callable[..., Tmux], http_port: int, tmp_path: Path
+) -> None:
+    har, command = tmp_path / "run.har", tmp_path / "command.pid"
+    script = (f"curl -s -o /dev/null http://{HOST}:{http_port}/hello; "
+              f"echo $$ > {command}; exec sleep 300")
+    term = tmux(["sh", "-c", script], ("--har", str(har)))
+    term.wait(lambda s: "/hello" in s and command.exists() and command.read_text().strip(),
+              "the flow and the command's pid")
+    try:
+        os.kill(_tapui_pid(str(har)), signal.SIGQUIT)
+        assert term.exit_status() == 128 + signal.SIGQUIT  # the command's own end
+    finally:
+        pid = int(command.read_text())
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    entries = json.loads(har.read_text())["log"]["entries"]
+    assert [e["request"]["url"] for e in entries] == [f"http://{HOST}:{http_port}/hello"]
