@@ -122,6 +122,8 @@ class TapuiApp(App[int]):
 
     def tick(self) -> None:
         """Apply what the engine and the command produced since the last tick, in one repaint."""
+        if not self.flow_list.is_attached:  # closing: a last tick can come after the screens
+            return  # are gone ("No screens on stack", once in CI)
         with self.batch_update():
             failure = self._session.failure if self._session is not None else None
             if failure and not self._session_note:

@@ -258,6 +258,16 @@ async def test_in_progress_flow_updates_in_place() -> None:
 
 
 @asynctest
+async def test_a_tick_that_comes_while_the_app_closes_does_nothing() -> None:
+    """Failed once in CI: a last tick ran after the app's screens were gone."""
+    app = TapuiApp(bus=FlowBus())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+    app.store.listener(FlowEvent(EventKind.NEW, make_flow(1)))  # came just before the close
+    app.tick()
+
+
+@asynctest
 async def test_flows_arriving_below_the_window_do_not_repaint_its_rows() -> None:
     """The UI shares the interpreter with the relay: repainting rows that did not change
     held the GIL for ~50 ms a tick while flows streamed in, and delayed the app's traffic."""
