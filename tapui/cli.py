@@ -245,9 +245,10 @@ def cmd_run(argv: list[str]) -> int:
         command = [os.environ.get("SHELL") or "/bin/sh"]
         if not args.no_ui:  # a shell needs the terminal, which the UI would take
             args.no_ui = True
+            saved = "" if args.no_save else ", and the session saved (`tapui open` it later)"
             print(
                 f"tapui: no command given: running {command[0]} in the sandbox with the terminal; "
-                "exchanges are printed here, and the session saved (`tapui open` it later)",
+                f"exchanges are printed here{saved}",
                 file=sys.stderr,
             )
     for path in args.upstream_ca:

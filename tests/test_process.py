@@ -68,6 +68,20 @@ def test_no_command_runs_users_shell_with_the_terminal(args: list[str]) -> None:
 
 
 @pytest.mark.usefixtures("sandbox")
+@pytest.mark.parametrize("save", [True, False], ids=["saved", "no-save"])
+def test_no_command_says_where_the_exchanges_go(save: bool) -> None:
+    env = dict(os.environ, SHELL="/bin/sh")
+    args = [] if save else ["--no-save"]
+    proc = subprocess.run(
+        tapui_command(*args), input="exit 0\n", capture_output=True, text=True, env=env,
+        cwd=ROOT, timeout=60,
+    )
+    assert proc.returncode == 0
+    assert "no command given: running /bin/sh in the sandbox" in proc.stderr
+    assert ("the session saved" in proc.stderr) == save
+
+
+@pytest.mark.usefixtures("sandbox")
 def test_command_runs_as_the_users_uid_in_the_callers_directory(tmp_path: Path) -> None:
     code = "import os; print(os.getuid(), os.getcwd())"
     proc = subprocess.run(
