@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,29 @@ def _gone(pid: int, timeout: float) -> bool:
     return not _alive(pid)
 
 
+@contextmanager
+def _ui_command(tmux: Callable[..., Tmux], url: str, tmp_path: Path,
+                then: str) -> Iterator[tuple[Tmux, Path, int]]:
+    """tapui --har FILE under the UI, running `curl URL; THEN`, where THEN writes a pid to
+    {pidfile}. Yields (terminal, HAR path, that pid) once the flow is listed; the process is
+    killed at the end if it outlived tapui."""
+    har, pidfile = tmp_path / "run.har", tmp_path / "command.pid"
+    script = f"curl -s -o /dev/null {url}; " + then.format(pidfile=pidfile)
+    term = tmux(["sh", "-c", script], ("--har", str(har)))
+    term.wait(lambda s: url.rsplit("/", 1)[1] in s and pidfile.exists()
+              and pidfile.read_text().strip(), "the flow and the pid")
+    pid = int(pidfile.read_text())
+    try:
+        yield term, har, pid
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _har_urls(har: Path) -> list[str]:
+    return [e["request"]["url"] for e in json.loads(har.read_text())["log"]["entries"]]
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "terminal closed"])
 def test_a_stopped_ui_ends_the_commands_job_and_writes_the_har(
     tmux: Callable[..., Tmux], http_port: int, tmp_path: Path, how: str
@@ -263,49 +287,28 @@ def test_a_stopped_ui_ends_the_commands_job_and_writes_the_har(
     """Under the UI, SIGTERM or SIGHUP used to kill tapui at once: the command ran on, cut off
     from the network, and no HAR was written. Now the command's process group gets the signal
     (a child it left running too) and tapui ends as on `q`."""
-    har, child = tmp_path / "run.har", tmp_path / "child.pid"
-    script = (f"curl -s -o /dev/null http://{HOST}:{http_port}/hello; "
-              f"sleep 300 & echo $! > {child}; wait")
-    term = tmux(["sh", "-c", script], ("--har", str(har)))
-    term.wait(lambda s: "/hello" in s and child.exists() and child.read_text().strip(),
-              "the flow and the child")
-    sleeper = int(child.read_text())
-    try:
-        _stop_and_check(term, how, har, sleeper)
-    finally:
-        if _alive(sleeper):
-            os.kill(sleeper, signal.SIGKILL)
-    entries = json.loads(har.read_text())["log"]["entries"]
-    assert [e["request"]["url"] for e in entries] == [f"http://{HOST}:{http_port}/hello"]
-
-
-def _stop_and_check(term: Tmux, how: str, har: Path, sleeper: int) -> None:
-    """Stop tapui as `how` says; it ends, and so does the child the command left running."""
-    tapui = _tapui_pid(str(har))
-    if how == "SIGTERM":
-        os.kill(tapui, signal.SIGTERM)
-        assert term.exit_status() == 128 + signal.SIGTERM  # the command's own end
-    else:
-        term.kill()  # the terminal goes: tapui gets SIGHUP
-        assert _gone(tapui, 15)
-    assert _gone(sleeper, 5)
+    url = f"http://{HOST}:{http_port}/hello"
+    with _ui_command(tmux, url, tmp_path, "sleep 300 & echo $! > {pidfile}; wait") as (
+        term, har, sleeper
+    ):
+        tapui = _tapui_pid(str(har))
+        if how == "SIGTERM":
+            os.kill(tapui, signal.SIGTERM)
+            assert term.exit_status() == 128 + signal.SIGTERM  # the command's own end
+        else:
+            term.kill()  # the terminal goes: tapui gets SIGHUP
+            assert _gone(tapui, 15)
+        assert _gone(sleeper, 5)  # the child the command left running ends too
+    assert _har_urls(har) == [url]
 
 
 def test_sigquit_under_the_ui_reaches_the_command_and_ends_tapui(
     tmux: Callable[..., Tmux], http_port: int, tmp_path: Path
 ) -> None:
-    har, command = tmp_path / "run.har", tmp_path / "command.pid"
-    script = (f"curl -s -o /dev/null http://{HOST}:{http_port}/hello; "
-              f"echo $$ > {command}; exec sleep 300")
-    term = tmux(["sh", "-c", script], ("--har", str(har)))
-    term.wait(lambda s: "/hello" in s and command.exists() and command.read_text().strip(),
-              "the flow and the command's pid")
-    try:
+    url = f"http://{HOST}:{http_port}/hello"
+    with _ui_command(tmux, url, tmp_path, "echo $$ > {pidfile}; exec sleep 300") as (
+        term, har, _command
+    ):
         os.kill(_tapui_pid(str(har)), signal.SIGQUIT)
         assert term.exit_status() == 128 + signal.SIGQUIT  # the command's own end
-    finally:
-        pid = int(command.read_text())
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    entries = json.loads(har.read_text())["log"]["entries"]
-    assert [e["request"]["url"] for e in entries] == [f"http://{HOST}:{http_port}/hello"]
+    assert _har_urls(har) == [url]
