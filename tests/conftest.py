@@ -51,12 +51,14 @@ def run_tapui(
 
 
 @contextmanager
-def tapui_in_background(*args: str) -> Iterator[subprocess.Popen]:
+def tapui_in_background(
+    *args: str, env: dict[str, str] | None = None, stdin: int = subprocess.DEVNULL
+) -> Iterator[subprocess.Popen]:
     """`tapui ARGS` started in the background (stdout and stderr piped, as text), killed if
     it still runs when the block ends, so no test leaves one behind."""
     proc = subprocess.Popen(
         tapui_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL, text=True, cwd=ROOT,
+        stdin=stdin, text=True, cwd=ROOT, env=env,
     )
     try:
         yield proc

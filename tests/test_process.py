@@ -334,28 +334,23 @@ def _leftovers(directory: Path, pid: int) -> list[str]:
 def _killed_tapui(tmp: Path) -> Iterator[int]:
     """A tapui (with TMPDIR=`tmp`) killed by SIGKILL once its sandbox runs; yields its pid.
     Its command, which outlives it, is ended when the block ends."""
-    env = dict(os.environ, TMPDIR=str(tmp))
-    proc = subprocess.Popen(
-        tapui_command("--no-ui", "-q", "--no-save", "--", PY, "-c",
-                      "print('ready', flush=True); import time; time.sleep(120)"),
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    code = "print('ready', flush=True); import time; time.sleep(120)"
     command = None
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        command = command_pid(proc.pid)
-        proc.kill()
-        proc.wait(30)
-        yield proc.pid
-    finally:
-        if proc.poll() is None:
+    with tapui_in_background("--no-ui", "-q", "--no-save", "--", PY, "-c", code,
+                             env=dict(os.environ, TMPDIR=str(tmp))) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+            command = command_pid(proc.pid)
             proc.kill()
-            proc.wait()
-        if command is not None:
-            try:
-                os.kill(command, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            proc.wait(30)
+            yield proc.pid
+        finally:
+            if command is not None:
+                try:
+                    os.kill(command, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 @pytest.mark.usefixtures("sandbox")
@@ -373,10 +368,8 @@ def test_temporary_files_of_a_killed_tapui_are_removed_by_the_next_run(tmp_path:
 def test_a_running_tapuis_temporary_files_are_left_alone(tmp_path: Path) -> None:
     env = dict(os.environ, TMPDIR=str(tmp_path))
     code = "print('ready', flush=True); import sys; sys.stdin.readline()"
-    proc = subprocess.Popen(
-        tapui_command("--no-ui", "-q", "--no-save", "--", PY, "-c", code),
-        stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    try:
+    with tapui_in_background("--no-ui", "-q", "--no-save", "--", PY, "-c", code, env=env,
+                             stdin=subprocess.PIPE) as proc:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().strip() == "ready"
         mine = _leftovers(tmp_path, proc.pid)
@@ -387,7 +380,3 @@ def test_a_running_tapuis_temporary_files_are_left_alone(tmp_path: Path) -> None
         proc.stdin.flush()
         assert proc.wait(30) == 0
         assert _leftovers(tmp_path, proc.pid) == []  # and it removed them itself
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
