@@ -28,6 +28,11 @@ from engine.errors import (
 TUN_ENV = "TAPUI_TUN_DEVICE"
 DEFAULT_TUN = "/dev/net/tun"
 MTU = 65520
+#: Packets the kernel holds for tapui on the TUN (its default is 500). With 500, a burst of a
+#: few hundred connections overflowed it: their segments were resent, but a DNS query lost
+#: twice failed the app's lookup. The queue costs little memory, since TCP's queued segments
+#: share their data with the sender's own buffer.
+TUN_QUEUE_LEN = 4096
 
 
 @dataclass
@@ -243,6 +248,7 @@ class Sandbox:
             "tun_path": cfg.tun_path,
             "tun_name": cfg.tun_name,
             "mtu": MTU,
+            "txqlen": TUN_QUEUE_LEN,
             "mounts": [[src, dst] for src, dst in cfg.mounts],
             "ipv4": cfg.ipv4,
             "ipv4_prefix": cfg.ipv4_prefix,

@@ -116,7 +116,7 @@ def configure_network(cfg: dict) -> None:
             lo = ipr.link_lookup(ifname="lo")[0]
             ipr.link("set", index=lo, state="up")
             tun = ipr.link_lookup(ifname=cfg["tun_name"])[0]
-            ipr.link("set", index=tun, mtu=cfg["mtu"], state="up")
+            ipr.link("set", index=tun, mtu=cfg["mtu"], txqlen=cfg["txqlen"], state="up")
             ipr.addr("add", index=tun, address=cfg["ipv4"], prefixlen=cfg["ipv4_prefix"])
             ipr.addr(
                 "add",
