@@ -670,7 +670,12 @@ class Relay:
         try:
             plain = up.read()
         except ssl.SSLError as exc:
-            self._close_observer(f"TLS error from the server: {_ssl_reason(exc)}")
+            # An app that closed its socket without close_notify (node and Python do) gets an
+            # alert from an OpenSSL server (decode_error) that its kernel drops: not an error
+            # of the connection, though a flow still open fails with it.
+            app_left = self.app_eof_seen and self.tls_app is not None and not self.tls_app.closed
+            self._close_observer(f"TLS error from the server: {_ssl_reason(exc)}",
+                                 of_connection=not app_left)
             self.app.abort()
             if self.upstream is not None:
                 self.upstream.abort()
@@ -722,7 +727,11 @@ class Relay:
         up = self.upstream
         if up is None or up.is_closing():
             return
-        if self.tls_up is not None and self.mode == "tls" and not self.upstream_close_sent:
+        # close_notify goes upstream only if the app sent one: an app that just closes its
+        # socket must look the same to the server as without tapui.
+        app_tls = self.tls_app
+        if (self.tls_up is not None and self.mode == "tls" and not self.upstream_close_sent
+                and app_tls is not None and app_tls.closed):
             self.upstream_close_sent = True
             self.tls_up.close()
             self._upstream_send(self.tls_up.output())
@@ -739,7 +748,10 @@ class Relay:
             self._go_plain("unknown", "tcp")
         if self.observer is not None:
             self._observe(lambda _d: self.observer.server_eof(), b"")  # type: ignore[union-attr]
-        if self.mode == "tls" and self.tls_app is not None:
+        # Likewise close_notify to the app only if the server sent one. (One the server never
+        # sent reached apps that had closed already, and their kernels answered with RST.)
+        if (self.mode == "tls" and self.tls_app is not None and self.tls_up is not None
+                and self.tls_up.closed):
             self.tls_app.close()
             self._flush_tls()
         self.app.write_eof()
@@ -785,8 +797,9 @@ class Relay:
             self.upstream.abort()
         self._summarise()
 
-    def _close_observer(self, error: str | None) -> None:
-        if error and not self.error:
+    def _close_observer(self, error: str | None, of_connection: bool = True) -> None:
+        """End the observer's open flows with `error`; also the connection's, if `of_connection`."""
+        if error and of_connection and not self.error:
             self.error = error
         observer, self.observer = self.observer, None
         if observer is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Iterator
@@ -292,6 +293,14 @@ def tls_listener(handle) -> Iterator[int]:  # type: ignore[no-untyped-def]
         thread.join(5)
 
 
+def _send_close_notify(conn: ssl.SSLSocket) -> None:
+    """Send close_notify; the client's answer may not come (Python's closes without one)."""
+    try:
+        conn.unwrap()
+    except ssl.SSLError:
+        pass
+
+
 def test_response_delimited_by_the_servers_close_over_tls(ca: trustme.CA, ca_file: str) -> None:
     """The server's close_notify and FIN end an HTTP/1.0 body; the flow ends complete."""
     ctx = tls_servers.server_context(ca, [])
@@ -303,7 +312,7 @@ def test_response_delimited_by_the_servers_close_over_tls(ca: trustme.CA, ca_fil
             while b"\r\n\r\n" not in request:
                 request += conn.recv(4096)
             conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
-            conn.unwrap()
+            _send_close_notify(conn)
 
     with tls_listener(handle) as port:
         code = (
@@ -421,3 +430,70 @@ def test_upstream_gets_the_apps_own_sni_and_alpn_when_they_change(
         (HOST, "h2"), (HOST, "h2"), ("api.example.test", "http/1.1"),
         ("api.example.test", None), (HOST, "h2"),
     ]
+
+
+
+def _servers_view_of_the_apps_close(ca: trustme.CA, ca_file: str, mode: str) -> tuple[str, str]:
+    """(how the server's read after its reply ended, tapui's line for the connection) for
+    tls_close.py MODE."""
+    ctx = tls_servers.server_context(ca, [])
+    seen: list[str] = []
+
+    def handle(raw: socket.socket) -> None:
+        with ctx.wrap_socket(raw, server_side=True, suppress_ragged_eofs=False) as conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\nbody end")
+            try:
+                seen.append("close_notify" if conn.recv(4096) == b"" else "data")
+            except ssl.SSLError as exc:
+                seen.append(str(exc.reason))
+
+    with tls_listener(handle) as port:
+        result = tapui_https(ca_file, PY, client("tls_close.py"), HOST, str(port), mode)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "got the reply"
+    # (the line of the connection that carried it: the client tried ::1 first, refused)
+    (line,) = [line for line in result.stderr.splitlines() if " tcp " in line and "sent 0 B" not in line]
+    return seen[0], line
+
+
+def test_the_apps_close_notify_reaches_the_server(ca: trustme.CA, ca_file: str) -> None:
+    seen, line = _servers_view_of_the_apps_close(ca, ca_file, "close_notify")
+    assert seen == "close_notify"
+    assert "error" not in line, line
+
+
+def test_an_app_closing_without_close_notify_looks_the_same_to_the_server(
+    ca: trustme.CA, ca_file: str
+) -> None:
+    """No close_notify is made up for the app; the alert the server answers with (OpenSSL's
+    decode_error) is no error of the connection: without tapui the app's kernel drops it."""
+    seen, line = _servers_view_of_the_apps_close(ca, ca_file, "abrupt")
+    assert seen == "UNEXPECTED_EOF_WHILE_READING"
+    assert "error" not in line, line
+
+
+@pytest.mark.parametrize("close_notify", [True, False], ids=["close_notify", "bare_close"])
+def test_the_app_sees_the_servers_close_as_the_server_made_it(
+    ca: trustme.CA, ca_file: str, close_notify: bool
+) -> None:
+    """A body that runs to the connection's end is complete only after close_notify: a bare
+    close (a server that died mid-body) must not reach the app as a clean end."""
+    ctx = tls_servers.server_context(ca, [])
+
+    def handle(raw: socket.socket) -> None:
+        conn = ctx.wrap_socket(raw, server_side=True)
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
+        if close_notify:
+            _send_close_notify(conn)
+        # (without close_notify, `raw` is closed by tls_listener with the TLS layer unsaid)
+
+    with tls_listener(handle) as port:
+        result = tapui_https(ca_file, PY, client("tls_close.py"), HOST, str(port), "until_eof")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("clean end" if close_notify else "UNEXPECTED_EOF_WHILE_READING")
