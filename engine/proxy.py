@@ -773,7 +773,9 @@ class Relay:
 
     def app_lost(self, exc: Exception | None) -> None:
         if exc is not None:
-            self._close_observer("app reset the connection")
+            # After its FIN, an app's RST only says its socket is closed (it answers what came
+            # after, such as the server's close_notify): the connection ended as the app chose.
+            self._close_observer("app reset the connection", of_connection=not self.app_eof_seen)
             if self.upstream is not None:
                 self.upstream.abort()
         else:

@@ -497,3 +497,27 @@ def test_the_app_sees_the_servers_close_as_the_server_made_it(
         result = tapui_https(ca_file, PY, client("tls_close.py"), HOST, str(port), "until_eof")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ("clean end" if close_notify else "UNEXPECTED_EOF_WHILE_READING")
+
+
+def test_an_app_closing_before_the_servers_close_notify_ends_cleanly(
+    ca: trustme.CA, ca_file: str
+) -> None:
+    """curl sends close_notify and closes its socket; the server answers with its own, which
+    the app's kernel refuses with RST, as it would without tapui: no error for the connection."""
+    ctx = tls_servers.server_context(ca, [])
+
+    def handle(raw: socket.socket) -> None:
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            if conn.recv(4096) == b"":  # the app's close_notify
+                _send_close_notify(conn)
+
+    with tls_listener(handle) as port:
+        result = tapui_https(ca_file, "curl", "-4", "-sS", f"https://{HOST}:{port}/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok"
+    (line,) = [line for line in result.stderr.splitlines() if " tcp " in line]
+    assert "error" not in line, line
