@@ -30,9 +30,10 @@ DEFAULT_TUN = "/dev/net/tun"
 MTU = 65520
 #: Packets the kernel holds for tapui on the TUN (its default is 500). With 500, a burst of a
 #: few hundred connections overflowed it: their segments were resent, but a DNS query lost
-#: twice failed the app's lookup. The queue costs little memory, since TCP's queued segments
-#: share their data with the sender's own buffer.
-TUN_QUEUE_LEN = 4096
+#: twice failed the app's lookup. Most queued packets are then the app's ACKs, and with 4,096
+#: a busy machine still overflowed it now and then. The queue costs little memory: TCP's
+#: queued segments share their data with the sender's own buffer, and ACKs are small.
+TUN_QUEUE_LEN = 16384
 
 
 @dataclass
