@@ -26,6 +26,7 @@ from engine.flow import ConnectionSummary, FlowBus
 from engine.netstack import Netstack
 from engine.procinfo import ProcessFinder
 from engine.proxy import Proxy, ProxyOptions
+from engine.proxy_env import sandbox_proxy_env
 from engine.runstatus import CommandState, RunStatus
 from engine.sandbox import (
     DEFAULT_TUN,
@@ -151,6 +152,7 @@ class Capture:
     def start(self) -> None:
         """Set up the CA and the sandbox; raises TapuiError with the user-facing message."""
         env = dict(os.environ)
+        sandbox_proxy_env(env, [name for name, _ip in self.options.add_hosts])
         mounts = self._trust_setup(env)
         resolv = self.workdir / "resolv.conf"
         resolv.write_text(f"nameserver {GATEWAY_V4}\noptions timeout:2 attempts:2\n")
