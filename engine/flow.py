@@ -141,6 +141,8 @@ class Request:
     def url(self) -> str:
         if self.path.startswith(("http://", "https://")):
             return self.path  # absolute-form (proxy style) target
+        if self.method == "CONNECT" and self.path and not self.path.startswith("/"):
+            return f"{self.scheme}://{self.path}"  # authority-form: the tunnel's far end
         return f"{self.scheme}://{self.authority}{self.path}"
 
 

@@ -469,6 +469,7 @@ def test_accepted_connect_becomes_an_undecoded_tunnel() -> None:
     (flow,) = c.flows
     assert flow.state is FlowState.DONE and flow.response.status == 200
     assert flow.request.method == "CONNECT"
+    assert flow.request.url == "http://db.test:5432"  # not the target glued to the Host header
 
 
 def test_client_closing_mid_request_body_marks_the_flow() -> None:
