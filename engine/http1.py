@@ -188,6 +188,8 @@ class Http1Observer:
         self._server_eof = False
         self._announce: Flow | None = None  # a response head not yet told (see _announce_response)
         self._closed = False
+        #: A proxy accepted a CONNECT: the bytes that follow are the app's with the far end.
+        self.tunnel = False
 
     # -- StreamObserver -----------------------------------------------------------------------
 
@@ -417,7 +419,8 @@ class Http1Observer:
         assert flow.response is not None
         upgrade = (header(flow.response.headers, "upgrade") or "").lower()
         if event.status_code != 101 or "websocket" not in upgrade:
-            self._dead = True  # h2c, TLS upgrades, tunnels: not decoded
+            self._dead = True  # h2c, TLS upgrades, tunnels: not decoded here
+            self.tunnel = ex.method == b"CONNECT"
             self.bus.done(flow)
             return
         flow.kind = FlowKind.WEBSOCKET

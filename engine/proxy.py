@@ -24,6 +24,7 @@ from engine.addresses import AddressPlan
 from engine.ca import CertificateAuthority
 from engine.dns import DnsResolver
 from engine.flow import Connection, ConnectionSummary, FlowBus, Timings, next_connection_id
+from engine.http1 import Http1Observer
 from engine.observer import StreamObserver
 from engine.tcp import TcpConnection
 from engine.tls_endpoint import TlsEndpoint
@@ -249,6 +250,7 @@ class Relay:
         self.error: str | None = None
         self.connected: float | None = None
         self.tls_done: float | None = None
+        self.tunnel_opened: float | None = None  # when a proxy accepted the app's CONNECT
 
     # ---- connecting -----------------------------------------------------------------------
 
@@ -352,6 +354,9 @@ class Relay:
         )
 
     def _connection_timings(self) -> Timings:
+        if self.tunnel_opened is not None:  # the flows in a tunnel start with it, connected
+            opened = self.tunnel_opened
+            return Timings(start=opened, connect=opened, tls=self.tls_done)
         t = self.info.timings
         t.start, t.dns, t.connect, t.tls = self.started, self.dns_time, self.connected, self.tls_done
         return t
@@ -713,6 +718,15 @@ class Relay:
             if self.observer is None:  # (none, or it failed on an earlier part)
                 break
             self._observe(self.observer.server_data, part)
+        if self.mode == "plain" and isinstance(self.observer, Http1Observer) and self.observer.tunnel:
+            self._enter_tunnel()
+
+    def _enter_tunnel(self) -> None:
+        """A proxy accepted the app's CONNECT: what the app sends next is meant for the far end,
+        so it is told apart afresh (TLS intercepted, HTTP decoded) as on a new connection."""
+        self._close_observer(None)  # (the CONNECT flow is done)
+        self.mode = "sniff"
+        self.tunnel_opened = time.time()
 
     # ---- closing ----------------------------------------------------------------------------
 

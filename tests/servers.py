@@ -134,6 +134,44 @@ class EchoHandler(socketserver.BaseRequestHandler):
             sock.sendall(data)
 
 
+class ConnectProxyHandler(socketserver.BaseRequestHandler):
+    """A forward proxy for CONNECT only: it records the target and joins the client to the
+    target's port on 127.0.0.1 (whatever host was named: tests never leave the loopback)."""
+
+    def handle(self) -> None:
+        client: socket.socket = self.request
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = client.recv(4096)
+            if not data:
+                return
+            head += data
+        target = head.split()[1].decode()
+        self.server.targets.append(target)  # type: ignore[attr-defined]
+        upstream = socket.create_connection(("127.0.0.1", int(target.rsplit(":", 1)[1])))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(1 << 16):
+                    dst.sendall(data)
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        other = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+        other.start()
+        pipe(client, upstream)
+        other.join(10)
+        upstream.close()
+
+
+def connect_proxy() -> _ThreadingServer:
+    server = _ThreadingServer(("127.0.0.1", 0), ConnectProxyHandler)
+    server.targets = []  # type: ignore[attr-defined]
+    return server
+
+
 def echo_server() -> _ThreadingServer:
     return _ThreadingServer(("127.0.0.1", 0), EchoHandler)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -521,3 +522,29 @@ def test_an_app_closing_before_the_servers_close_notify_ends_cleanly(
     assert result.stdout == "ok"
     (line,) = [line for line in result.stderr.splitlines() if " tcp " in line]
     assert "error" not in line, line
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_exchanges_inside_a_proxys_connect_tunnel_are_decoded(
+    ca_file: str, https: servers._ThreadingServer, http_port: int, tmp_path: Path, scheme: str
+) -> None:
+    """An app set to use a proxy (https_proxy, or curl's --proxytunnel for plain HTTP) opens a
+    CONNECT tunnel; what it sends through is told apart as on a new connection."""
+    port = https.server_address[1] if scheme == "https" else http_port
+    url = f"{scheme}://api.example.test:{port}/hello"
+    har = tmp_path / "tunnel.har"
+    tunnels = servers.connect_proxy()
+    with servers.running(tunnels) as proxy_port:
+        proxy = f"http://127.0.0.1:{proxy_port}"  # (the host's: tapui points it there)
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env |= {"https_proxy": proxy, "http_proxy": proxy}
+        result = run_tapui("--no-ui", "--upstream-ca", ca_file, "--har", str(har), "--",
+                           "curl", "-sS", "--proxytunnel", url, env=env)
+    assert tunnels.targets == [f"api.example.test:{port}"]  # type: ignore[attr-defined]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+    assert [(e["request"]["method"], e["request"]["url"], e["response"]["status"])
+            for e in entries(har)] == [
+        ("CONNECT", f"http://api.example.test:{port}", 200),
+        ("GET", url, 200),
+    ]
