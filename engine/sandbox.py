@@ -164,7 +164,8 @@ class Helper:
 
 def spawn_helper(*, new_session: bool, own_process_group: bool) -> Helper:
     """Start a sandbox helper (a fresh interpreter), in a new session for the UI (the command
-    writes to a pty) or in its own process group when it is to get the terminal."""
+    writes to a pty) or in its own process group when it is to get the terminal. Call it from
+    the main thread: the command's parent-death signal fires when the spawning thread ends."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parent.parent)
@@ -241,6 +242,7 @@ class Sandbox:
         stdio = [(target, fd) for target, fd in ((0, cfg.stdin), (1, cfg.stdout), (2, cfg.stderr))
                  if fd is not None]
         message = {
+            "parent_pid": os.getpid(),
             "uid": os.getuid(),
             "gid": os.getgid(),
             "argv": cfg.argv,

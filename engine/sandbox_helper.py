@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -37,6 +38,7 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 IFA_F_NODAD = 0x02
 PR_SET_SECUREBITS = 28
+PR_SET_PDEATHSIG = 1
 SECBIT_NOROOT = 1 << 0
 SECBIT_NOROOT_LOCKED = 1 << 1
 SECBIT_NO_SETUID_FIXUP = 1 << 2
@@ -139,6 +141,15 @@ def drop_root_privileges() -> None:
     _check(_libc.prctl(PR_SET_SECUREBITS, bits, 0, 0, 0), "caps", "setting securebits")
 
 
+def end_with_tapui(parent_pid: int) -> None:
+    """SIGTERM for the command if tapui dies without passing on a signal (kill -9): cut off
+    from the network, it would run on for nothing. Set last, as changing credentials clears
+    it; it outlives execve. (It follows the thread that spawned us: tapui's main thread.)"""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "exec", "setting PDEATHSIG")
+    if os.getppid() != parent_pid:  # tapui died before that took hold
+        os._exit(1)
+
+
 def report(sock: socket.socket, kind: str, err: int, detail: str) -> None:
     try:
         sock.sendall(json.dumps({"error": kind, "errno": err, "detail": detail}).encode())
@@ -194,6 +205,7 @@ def run(sock: socket.socket) -> None:
     try:
         if cfg["uid"] == 0:
             drop_root_privileges()
+        end_with_tapui(cfg["parent_pid"])
         os.execvpe(cfg["argv"][0], cfg["argv"], cfg["env"])
     except SetupError as exc:
         report(sock, exc.kind, exc.errno, exc.detail)

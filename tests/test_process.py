@@ -333,7 +333,7 @@ def _leftovers(directory: Path, pid: int) -> list[str]:
 @contextmanager
 def _killed_tapui(tmp: Path) -> Iterator[int]:
     """A tapui (with TMPDIR=`tmp`) killed by SIGKILL once its sandbox runs; yields its pid.
-    Its command, which outlives it, is ended when the block ends."""
+    Its command gets SIGTERM; one that survives that is ended when the block ends."""
     code = "print('ready', flush=True); import time; time.sleep(120)"
     command = None
     with tapui_in_background("--no-ui", "-q", "--no-save", "--", PY, "-c", code,
@@ -351,6 +351,35 @@ def _killed_tapui(tmp: Path) -> Iterator[int]:
                     os.kill(command, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_the_command_of_a_tapui_killed_by_sigkill_ends_too(tmp_path: Path) -> None:
+    """Cut off from the network, it would run on for nothing: it gets SIGTERM."""
+    code = ("import os, sys, time; print(os.getpid(), flush=True); sys.stdout.close(); "
+            "time.sleep(120)")
+    with tapui_in_background("--no-ui", "-q", "--no-save", "--", PY, "-c", code) as proc:
+        assert proc.stdout is not None
+        command = int(proc.stdout.readline())
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 10
+        while _alive(command) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            assert not _alive(command)
+        finally:
+            if _alive(command):
+                os.kill(command, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """`pid` is a process that has not ended (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.usefixtures("sandbox")
