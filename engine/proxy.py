@@ -787,9 +787,11 @@ class Relay:
 
     def app_lost(self, exc: Exception | None) -> None:
         if exc is not None:
-            # After its FIN, an app's RST only says its socket is closed (it answers what came
-            # after, such as the server's close_notify): the connection ended as the app chose.
-            self._close_observer("app reset the connection", of_connection=not self.app_eof_seen)
+            # After its FIN or its close_notify, an app's RST only says its socket is closed:
+            # it answers what came after (the server's close_notify), or the kernel sent it for
+            # that unread reply instead of a FIN. The connection ended as the app chose.
+            ended = self.app_eof_seen or (self.tls_app is not None and self.tls_app.closed)
+            self._close_observer("app reset the connection", of_connection=not ended)
             if self.upstream is not None:
                 self.upstream.abort()
         else:

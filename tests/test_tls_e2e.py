@@ -460,6 +460,27 @@ def _servers_view_of_the_apps_close(ca: trustme.CA, ca_file: str, mode: str) -> 
     return seen[0], line
 
 
+def test_an_apps_reset_after_its_close_notify_is_no_error(ca: trustme.CA, ca_file: str) -> None:
+    """An app that closes with the server's close_notify unread resets instead of a FIN."""
+    ctx = tls_servers.server_context(ca, [])
+
+    def handle(raw: socket.socket) -> None:
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\nbody end")
+            if conn.recv(4096) == b"":  # the app's close_notify
+                _send_close_notify(conn)
+
+    with tls_listener(handle) as port:
+        result = tapui_https(ca_file, PY, client("tls_close.py"), HOST, str(port),
+                             "close_notify_unread")
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if " tcp " in line and "sent 0 B" not in line]
+    assert "error" not in line, line
+
+
 def test_the_apps_close_notify_reaches_the_server(ca: trustme.CA, ca_file: str) -> None:
     seen, line = _servers_view_of_the_apps_close(ca, ca_file, "close_notify")
     assert seen == "close_notify"
