@@ -32,8 +32,8 @@ MTU = 65520
 #: few hundred connections overflowed it: their segments were resent, but a DNS query lost
 #: twice failed the app's lookup. About 60% of the app's packets in such a burst are ACKs
 #: (24,000 packets of 25 KB on average, for 600 MB sent), and with 4,096 a busy machine still
-#: overflowed it now and then. The queue costs little memory: TCP's
-#: queued segments share their data with the sender's own buffer, and ACKs are small.
+#: overflowed it now and then. The queue costs little memory: TCP's queued segments share
+#: their data with the sender's own buffer, and ACKs are small.
 TUN_QUEUE_LEN = 16384
 
 
