@@ -77,6 +77,23 @@ def command_pid(tapui_pid: int) -> int:
     raise AssertionError(f"tapui ({tapui_pid}) runs no command")
 
 
+def process_alive(pid: int) -> bool:
+    """`pid` runs: it exists and has not ended (a zombie, not yet reaped, has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def process_gone(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for `pid` to end (it need not be our child)."""
+    deadline = time.monotonic() + timeout
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not process_alive(pid)
+
+
 def client(name: str) -> str:
     """Path of a client script from tests/clients (run inside the sandbox)."""
     return str(CLIENTS / name)

@@ -26,7 +26,15 @@ from typing import Any
 import pytest
 
 from tests import servers
-from tests.conftest import HOST, IN_CI, ROOT, run_tapui, tapui_command
+from tests.conftest import (
+    HOST,
+    IN_CI,
+    ROOT,
+    process_alive,
+    process_gone,
+    run_tapui,
+    tapui_command,
+)
 
 WIDTH, HEIGHT = 160, 45
 FLOWS = re.compile(r"(\d+)/(\d+) flows")
@@ -243,20 +251,6 @@ def _tapui_pid(marker: str) -> int:
     raise AssertionError(f"no tapui with {marker} runs")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    except FileNotFoundError:
-        return False
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not _alive(pid)
-
-
 @contextmanager
 def _ui_command(tmux: Callable[..., Tmux], url: str, tmp_path: Path,
                 then: str) -> Iterator[tuple[Tmux, Path, int]]:
@@ -272,7 +266,7 @@ def _ui_command(tmux: Callable[..., Tmux], url: str, tmp_path: Path,
     try:
         yield term, har, pid
     finally:
-        if _alive(pid):
+        if process_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -297,8 +291,8 @@ def test_a_stopped_ui_ends_the_commands_job_and_writes_the_har(
             assert term.exit_status() == 128 + signal.SIGTERM  # the command's own end
         else:
             term.kill()  # the terminal goes: tapui gets SIGHUP
-            assert _gone(tapui, 15)
-        assert _gone(sleeper, 5)  # the child the command left running ends too
+            assert process_gone(tapui, 15)
+        assert process_gone(sleeper, 5)  # the child the command left running ends too
     assert _har_urls(har) == [url]
 
 

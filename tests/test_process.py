@@ -21,6 +21,8 @@ from tests.conftest import (
     HOST,
     ROOT,
     command_pid,
+    process_alive,
+    process_gone,
     requires_root,
     run_tapui,
     tapui_command,
@@ -363,23 +365,11 @@ def test_the_command_of_a_tapui_killed_by_sigkill_ends_too(tmp_path: Path) -> No
         command = int(proc.stdout.readline())
         proc.kill()
         proc.wait(30)
-        deadline = time.monotonic() + 10
-        while _alive(command) and time.monotonic() < deadline:
-            time.sleep(0.05)
         try:
-            assert not _alive(command)
+            assert process_gone(command, 10)
         finally:
-            if _alive(command):
+            if process_alive(command):
                 os.kill(command, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """`pid` is a process that has not ended (a zombie has)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.usefixtures("sandbox")

@@ -35,7 +35,7 @@ from engine.session_db import SessionError
 from engine.session_store import SessionStore
 from engine.sessions import import_har, open_any
 from tests import servers
-from tests.conftest import HOST, ROOT, tapui_command
+from tests.conftest import HOST, ROOT, process_gone, tapui_command
 
 _CONNECTIONS: dict[int, Connection] = {}
 
@@ -218,16 +218,7 @@ def test_kill_9_of_a_writer_process_loses_no_finished_flow(tmp_path: Path) -> No
 
 def wait_exited(pid: int, timeout: float = 30) -> None:
     """Wait for a process that is not our child (a zombie counts as gone)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return
-        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"process {pid} still runs after {timeout} s")
+    assert process_gone(pid, timeout), f"process {pid} still runs after {timeout} s"
 
 
 HANDOVER_SCRIPT = textwrap.dedent("""

@@ -294,6 +294,35 @@ def tls_listener(handle) -> Iterator[int]:  # type: ignore[no-untyped-def]
         thread.join(5)
 
 
+def _read_head(conn: ssl.SSLSocket) -> bytes:
+    """A request's head (and whatever came with it)."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        request += conn.recv(4096)
+    return request
+
+
+def _answering_close_notify(ca: trustme.CA, reply: bytes):  # type: ignore[no-untyped-def]
+    """A tls_listener handler: `reply` to a request, then the app's close_notify answered."""
+    ctx = tls_servers.server_context(ca, [])
+
+    def handle(raw: socket.socket) -> None:
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            _read_head(conn)
+            conn.sendall(reply)
+            if conn.recv(4096) == b"":  # the app's close_notify
+                _send_close_notify(conn)
+
+    return handle
+
+
+def _exchange_line(stderr: str) -> str:
+    """tapui's line for the connection that carried the exchange (the client tried ::1
+    first, refused: that one sent nothing)."""
+    (line,) = [line for line in stderr.splitlines() if " tcp " in line and "sent 0 B" not in line]
+    return line
+
+
 def _send_close_notify(conn: ssl.SSLSocket) -> None:
     """Send close_notify; the client's answer may not come (Python's closes without one)."""
     try:
@@ -309,9 +338,7 @@ def test_response_delimited_by_the_servers_close_over_tls(ca: trustme.CA, ca_fil
 
     def handle(raw: socket.socket) -> None:
         with ctx.wrap_socket(raw, server_side=True) as conn:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += conn.recv(4096)
+            _read_head(conn)
             conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
             _send_close_notify(conn)
 
@@ -338,9 +365,7 @@ def test_upstream_tls_sessions_are_resumed(ca: trustme.CA, ca_file: str) -> None
     def handle(raw: socket.socket) -> None:
         with ctx.wrap_socket(raw, server_side=True) as conn:
             reused.append(conn.session_reused)
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += conn.recv(4096)
+            _read_head(conn)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 
     with tls_listener(handle) as port:
@@ -442,9 +467,7 @@ def _servers_view_of_the_apps_close(ca: trustme.CA, ca_file: str, mode: str) -> 
 
     def handle(raw: socket.socket) -> None:
         with ctx.wrap_socket(raw, server_side=True, suppress_ragged_eofs=False) as conn:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += conn.recv(4096)
+            _read_head(conn)
             conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\nbody end")
             try:
                 seen.append("close_notify" if conn.recv(4096) == b"" else "data")
@@ -455,29 +478,17 @@ def _servers_view_of_the_apps_close(ca: trustme.CA, ca_file: str, mode: str) -> 
         result = tapui_https(ca_file, PY, client("tls_close.py"), HOST, str(port), mode)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "got the reply"
-    # (the line of the connection that carried it: the client tried ::1 first, refused)
-    (line,) = [line for line in result.stderr.splitlines() if " tcp " in line and "sent 0 B" not in line]
-    return seen[0], line
+    return seen[0], _exchange_line(result.stderr)
 
 
 def test_an_apps_reset_after_its_close_notify_is_no_error(ca: trustme.CA, ca_file: str) -> None:
     """An app that closes with the server's close_notify unread resets instead of a FIN."""
-    ctx = tls_servers.server_context(ca, [])
-
-    def handle(raw: socket.socket) -> None:
-        with ctx.wrap_socket(raw, server_side=True) as conn:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += conn.recv(4096)
-            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\nbody end")
-            if conn.recv(4096) == b"":  # the app's close_notify
-                _send_close_notify(conn)
-
+    handle = _answering_close_notify(ca, b"HTTP/1.0 200 OK\r\nContent-Length: 8\r\n\r\nbody end")
     with tls_listener(handle) as port:
         result = tapui_https(ca_file, PY, client("tls_close.py"), HOST, str(port),
                              "close_notify_unread")
     assert result.returncode == 0, result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if " tcp " in line and "sent 0 B" not in line]
+    line = _exchange_line(result.stderr)
     assert "error" not in line, line
 
 
@@ -507,9 +518,7 @@ def test_the_app_sees_the_servers_close_as_the_server_made_it(
 
     def handle(raw: socket.socket) -> None:
         conn = ctx.wrap_socket(raw, server_side=True)
-        request = b""
-        while b"\r\n\r\n" not in request:
-            request += conn.recv(4096)
+        _read_head(conn)
         conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
         if close_notify:
             _send_close_notify(conn)
@@ -526,17 +535,7 @@ def test_an_app_closing_before_the_servers_close_notify_ends_cleanly(
 ) -> None:
     """curl sends close_notify and closes its socket; the server answers with its own, which
     the app's kernel refuses with RST, as it would without tapui: no error for the connection."""
-    ctx = tls_servers.server_context(ca, [])
-
-    def handle(raw: socket.socket) -> None:
-        with ctx.wrap_socket(raw, server_side=True) as conn:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += conn.recv(4096)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            if conn.recv(4096) == b"":  # the app's close_notify
-                _send_close_notify(conn)
-
+    handle = _answering_close_notify(ca, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     with tls_listener(handle) as port:
         result = tapui_https(ca_file, "curl", "-4", "-sS", f"https://{HOST}:{port}/")
     assert result.returncode == 0, result.stderr
