@@ -33,6 +33,7 @@ from engine.filters import body_bytes
 from engine.flow import (
     Body,
     Flow,
+    FlowState,
     Headers,
     Timings,
     header,
@@ -377,8 +378,15 @@ class SessionDB:
             finished = flow.finished
         req, resp, conn = flow.request, flow.response, flow.conn
         host = flow.host
+        state = flow.state
+        if not finished and flow.finished:
+            # The sender judged the flow unfinished (its bodies came hollow) and it finished
+            # while being pickled: the row stays in progress, until the batch with its DONE,
+            # so no finished row ever lacks its bodies (a kill -9 between the two left one).
+            state = (FlowState.RESPONSE if resp is not None
+                     else FlowState.REQUEST if req is not None else FlowState.OPEN)
         values = (
-            flow.id, flow.kind.value, flow.state.value, flow.timings.start,
+            flow.id, flow.kind.value, state.value, flow.timings.start,
             flow.duration if flow.duration is not None else float("inf"),
             self.name(req.authority if req is not None else host), self.name(conn.sni),
             self.name(conn.hostname), clean(host.lower()),

@@ -25,13 +25,14 @@ from engine.flow import (
     Flow,
     FlowBus,
     FlowKind,
+    FlowState,
     Request,
     Response,
     WebSocketMessage,
 )
 from engine.har import HarError, har_entry, write_har
 from engine.session import SessionWriter
-from engine.session_db import SessionError
+from engine.session_db import SessionDB, SessionError
 from engine.session_store import SessionStore
 from engine.sessions import import_har, open_any
 from tests import servers
@@ -214,6 +215,27 @@ def test_kill_9_of_a_writer_process_loses_no_finished_flow(tmp_path: Path) -> No
     assert store.view_len == 1
     store.close()
     wait_exited(writer_pid)
+
+
+def test_a_flow_sent_as_unfinished_is_stored_in_progress_even_if_it_finished_meanwhile(
+    tmp_path: Path
+) -> None:
+    """The sender pickles a flow it judged unfinished (bodies hollow) while it finishes: the
+    row must not say finished without its bodies; the batch with its DONE completes it."""
+    flow = http_flow(1, b'{"ok": true}')
+    flow.state = FlowState.DONE
+    db = SessionDB(tmp_path / "s.tapui")
+    db.begin()
+    db.write(flow, finished=False)
+    db.commit()
+    (state,) = db.conn.execute("SELECT state FROM flows").fetchone()
+    assert state == "response"
+    db.begin()
+    db.write(flow, finished=True)
+    db.commit()
+    (state,) = db.conn.execute("SELECT state FROM flows").fetchone()
+    assert state == "done"
+    db.close()
 
 
 def wait_exited(pid: int, timeout: float = 30) -> None:
