@@ -678,7 +678,8 @@ class Relay:
             # An app that closed its socket without close_notify (node and Python do) gets an
             # alert from an OpenSSL server (decode_error) that its kernel drops: not an error
             # of the connection, though a flow still open fails with it.
-            app_left = self.app_eof_seen and self.tls_app is not None and not self.tls_app.closed
+            app_left = (self.app_eof_seen and self.tls_app is not None
+                        and not self._app_said_close_notify)
             self._close_observer(f"TLS error from the server: {_ssl_reason(exc)}",
                                  of_connection=not app_left)
             self.app.abort()
@@ -743,9 +744,8 @@ class Relay:
             return
         # close_notify goes upstream only if the app sent one: an app that just closes its
         # socket must look the same to the server as without tapui.
-        app_tls = self.tls_app
         if (self.tls_up is not None and self.mode == "tls" and not self.upstream_close_sent
-                and app_tls is not None and app_tls.closed):
+                and self._app_said_close_notify):
             self.upstream_close_sent = True
             self.tls_up.close()
             self._upstream_send(self.tls_up.output())
@@ -790,7 +790,7 @@ class Relay:
             # After its FIN or its close_notify, an app's RST only says its socket is closed:
             # it answers what came after (the server's close_notify), or the kernel sent it for
             # that unread reply instead of a FIN. The connection ended as the app chose.
-            ended = self.app_eof_seen or (self.tls_app is not None and self.tls_app.closed)
+            ended = self.app_eof_seen or self._app_said_close_notify
             self._close_observer("app reset the connection", of_connection=not ended)
             if self.upstream is not None:
                 self.upstream.abort()
@@ -814,6 +814,10 @@ class Relay:
         if self.upstream is not None:
             self.upstream.abort()
         self._summarise()
+
+    @property
+    def _app_said_close_notify(self) -> bool:
+        return self.tls_app is not None and self.tls_app.closed
 
     def _close_observer(self, error: str | None, of_connection: bool = True) -> None:
         """End the observer's open flows with `error`; also the connection's, if `of_connection`."""
