@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import ca, heap, tempdirs
+from engine import ca, heap, tempdirs, tls
 from engine.addresses import GATEWAY_V4, AddressPlan
 from engine.errors import EXIT_INTERNAL, TapuiError
 from engine.flow import ConnectionSummary, FlowBus
@@ -151,6 +151,8 @@ class Capture:
 
     def start(self) -> None:
         """Set up the CA and the sandbox; raises TapuiError with the user-facing message."""
+        if self.options.intercept_tls:
+            tls.load_upstream_context_early(self.options.insecure, self.options.upstream_ca)
         env = dict(os.environ)
         sandbox_proxy_env(env, [name for name, _ip in self.options.add_hosts])
         mounts = self._trust_setup(env)

@@ -500,7 +500,8 @@ class Relay:
     def _upstream_endpoint(self, sni: str | None, alpn: tuple[str, ...]) -> TlsEndpoint:
         """tapui's client end of the upstream TLS, offering `alpn` (and a kept session)."""
         opts = self.proxy.options
-        ctx = tls.upstream_context(list(alpn), opts.insecure, opts.upstream_ca)
+        ctx = tls.upstream_context(opts.insecure, opts.upstream_ca)
+        ctx.set_alpn_protocols(list(alpn))  # copied into the connection made on the next line
         server_name = sni or self.info.upstream[0]  # type: ignore[index]
         return TlsEndpoint(ctx, server_side=False, server_hostname=server_name)
 

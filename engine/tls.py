@@ -15,7 +15,7 @@ from engine.flow import Certificate
 
 # -- upstream ---------------------------------------------------------------------------------
 
-_upstream_cache: dict[tuple[tuple[str, ...], bool, tuple[str, ...]], ssl.SSLContext] = {}
+_upstream_cache: dict[tuple[bool, tuple[str, ...]], ResumingContext] = {}
 _upstream_lock = threading.Lock()
 
 
@@ -57,14 +57,38 @@ class ResumingContext(ssl.SSLContext):
         return False
 
 
-def upstream_context(
-    alpn: list[str], insecure: bool = False, extra_ca_files: list[str] | None = None
-) -> ssl.SSLContext:
-    """Client context for the upstream leg: system trust plus `extra_ca_files`, offering `alpn`."""
-    key = (tuple(alpn), insecure, tuple(extra_ca_files or ()))
+def upstream_context(insecure: bool = False, extra_ca_files: list[str] | None = None) -> ResumingContext:
+    """Client context for the upstream leg: system trust plus `extra_ca_files`.
+
+    One per trust setting, whatever ALPN list the app offers: the caller sets the list on it
+    just before making a connection (OpenSSL copies it into the connection as it is made).
+    Loading the system roots takes ~55 ms, during which the event loop would stand still.
+    """
+    key = (insecure, tuple(extra_ca_files or ()))
     ctx = _upstream_cache.get(key)
     if ctx is not None:
         return ctx
+    with _upstream_lock:  # (a loader started early may be at it: wait for its result)
+        ctx = _upstream_cache.get(key)
+        if ctx is None:
+            ctx = _upstream_cache[key] = _new_upstream_context(insecure, extra_ca_files)
+        return ctx
+
+
+def load_upstream_context_early(insecure: bool, extra_ca_files: list[str]) -> None:
+    """Load the upstream context in a thread while the sandbox starts, so that the first
+    intercepted connection does not wait for it (OpenSSL lets go of the GIL to load)."""
+
+    def load() -> None:
+        try:
+            upstream_context(insecure, extra_ca_files)
+        except (ssl.SSLError, OSError):
+            pass  # the first connection tries again and reports it
+
+    threading.Thread(target=load, name="tapui-upstream-trust", daemon=True).start()
+
+
+def _new_upstream_context(insecure: bool, extra_ca_files: list[str] | None) -> ResumingContext:
     ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     for path in extra_ca_files or ():
@@ -72,10 +96,7 @@ def upstream_context(
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    if alpn:
-        ctx.set_alpn_protocols(list(alpn))
-    with _upstream_lock:
-        return _upstream_cache.setdefault(key, ctx)
+    return ctx
 
 
 # -- ClientHello ------------------------------------------------------------------------------

@@ -48,10 +48,19 @@ def resplit(hello: bytes, sizes: list[int]) -> bytes:
     return out
 
 
-def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: str):
-    """Run a TLS handshake between two contexts in memory; returns (client, server) objects."""
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=hostname)
+ClientEnd = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]  # the object, its in and out
+
+
+def client_end(client_ctx: ssl.SSLContext, hostname: str) -> ClientEnd:
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    return client_ctx.wrap_bio(c_in, c_out, server_hostname=hostname), c_in, c_out
+
+
+def complete(end: ClientEnd, server_ctx: ssl.SSLContext):
+    """Run a TLS handshake in memory between a client end and a server context; returns
+    (client, server) objects."""
+    client, c_in, c_out = end
+    s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
     done = {"c": False, "s": False}
     for _ in range(10):
@@ -67,6 +76,11 @@ def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: 
         if all(done.values()):
             return client, server
     raise AssertionError("handshake did not finish")
+
+
+def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: str):
+    """Run a TLS handshake between two contexts in memory; returns (client, server) objects."""
+    return complete(client_end(client_ctx, hostname), server_ctx)
 
 
 # -- ClientHello ----------------------------------------------------------------------------
@@ -191,14 +205,29 @@ def test_leaf_chain_leaves_out_the_ca(ca: CertificateAuthority) -> None:
 
 
 def test_upstream_context(tmp_path: Path, ca: CertificateAuthority) -> None:
-    strict = upstream_context(["h2", "http/1.1"], False, [str(ca.cert_path)])
+    strict = upstream_context(False, [str(ca.cert_path)])
     assert strict.check_hostname and strict.verify_mode is ssl.CERT_REQUIRED
-    assert upstream_context(["h2", "http/1.1"], False, [str(ca.cert_path)]) is strict
-    loose = upstream_context([], True, [])
+    assert upstream_context(False, [str(ca.cert_path)]) is strict
+    loose = upstream_context(True, [])
     assert not loose.check_hostname and loose.verify_mode is ssl.CERT_NONE
     # The extra CA is a trust anchor: a tapui leaf verifies through the upstream context.
+    strict.set_alpn_protocols(["h2", "http/1.1"])
     client, _ = handshake(ca.server_context("up.test", "192.0.2.1", ["h2"]), strict, "up.test")
     assert client.selected_alpn_protocol() == "h2"
+
+
+def test_one_upstream_context_offers_each_connection_the_alpn_set_when_it_was_made(
+    ca: CertificateAuthority,
+) -> None:
+    """The list set before a connection is made is the one it offers, later settings aside."""
+    ctx = upstream_context(False, [str(ca.cert_path)])
+    server = ca.server_context("alpn.test", "192.0.2.1", ["h2", "http/1.1"])
+    ctx.set_alpn_protocols(["http/1.1"])
+    first = client_end(ctx, "alpn.test")
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    second = client_end(ctx, "alpn.test")
+    assert complete(first, server)[0].selected_alpn_protocol() == "http/1.1"
+    assert complete(second, server)[0].selected_alpn_protocol() == "h2"
 
 
 @pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
