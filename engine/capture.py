@@ -145,7 +145,6 @@ class Capture:
             store = None
         if store is not None:
             java = f"-Djavax.net.ssl.trustStore={store} -Djavax.net.ssl.trustStoreType=PKCS12"
-            java += " -Djavax.net.ssl.trustStorePassword=changeit"
             env["JDK_JAVA_OPTIONS"] = " ".join(filter(None, [env.get("JDK_JAVA_OPTIONS"), java]))
         return mounts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,6 +93,16 @@ def process_gone(pid: int, timeout: float) -> bool:
     while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     return not process_alive(pid)
+
+
+def need(program: str) -> None:
+    """Skip a test whose client program is not installed; in CI (which installs them all)
+    fail instead."""
+    if shutil.which(program) is None:
+        message = f"{program} is not installed"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def client(name: str) -> str:

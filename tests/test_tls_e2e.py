@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import ssl
 import sys
@@ -18,7 +17,7 @@ import pytest
 import trustme
 
 from tests import servers, tls_servers
-from tests.conftest import HOST, client, run_tapui
+from tests.conftest import HOST, client, need, run_tapui
 
 pytestmark = pytest.mark.usefixtures("sandbox")
 PY = sys.executable
@@ -120,8 +119,7 @@ def test_python_urllib_and_http_client(ca_file: str, https: servers._ThreadingSe
 
 
 def test_node_https(ca_file: str, https: servers._ThreadingServer) -> None:
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed")
+    need("node")
     port = https.server_address[1]
     code = (
         f"require('https').get('https://{HOST}:{port}/hello', r => {{"
@@ -131,6 +129,23 @@ def test_node_https(ca_file: str, https: servers._ThreadingServer) -> None:
     result = tapui_https(ca_file, "node", "-e", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "hello from the host\n"
+
+
+def test_java_trusts_tapui_through_its_trust_store(
+    ca_file: str, https: servers._ThreadingServer
+) -> None:
+    need("java")
+    port = https.server_address[1]
+    result = tapui_https(ca_file, "java", client("Fetch.java"), f"https://{HOST}:{port}/hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "200 HTTP_1_1 hello from the host\n"
+
+
+def test_java_http2_stays_http2(ca_file: str, h2server: tls_servers.H2Server) -> None:
+    need("java")
+    result = tapui_https(ca_file, "java", client("Fetch.java"), f"https://{HOST}:{h2server.port}/hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "200 HTTP_2 hello over h2\n"
 
 
 def test_wget_https(ca_file: str, https: servers._ThreadingServer) -> None:
