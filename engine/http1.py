@@ -36,6 +36,7 @@ from engine.flow import (
     WebSocketMessage,
     header,
 )
+from engine.observer import unfinished_reason
 from engine.websocket import FrameParser, WebSocketError, permessage_deflate
 
 #: Seconds between two body-progress updates of one flow.
@@ -248,29 +249,43 @@ class Http1Observer:
         if self._server_eof:
             return
         self._server_eof = True
+        self._end_responses(server_closed=True)
+
+    def close(self, error: str | None = None) -> None:
+        if self._closed:
+            return
+        if not self._server_eof:
+            self._end_responses(server_closed=False, error=error)
+        self._closed = True
+        self._dead = True
+        if self._ws_flow is not None and not self._ws_flow.finished:
+            self.bus.done(self._ws_flow, error=error)
+        for flow in self._open_flows():
+            self.bus.done(flow, error=unfinished_reason(flow, error, self._server_eof))
+
+    def _end_responses(self, server_closed: bool, error: str | None = None) -> None:
+        """The connection's end: completes a response delimited by it, or ends the flows
+        whose responses it cut short."""
         if self._dead or self._ws_server is not None:
             return
         try:
             self._pump_responses()
             reader = self._response_body
             if reader is not None:
-                reader.read_eof()  # raises, unless the body is delimited by the close
+                try:
+                    reader.read_eof()  # raises, unless the body is delimited by the close
+                except h11.RemoteProtocolError as exc:  # cut short: not a decoding error
+                    self._dead = True
+                    for flow in self._open_flows():
+                        reason = unfinished_reason(flow, error, server_closed)
+                        if server_closed and flow.response is not None:
+                            reason += f" ({exc})"
+                        self.bus.done(flow, error=reason)
+                    return
                 self._response_end(h11.EndOfMessage())
             self._announce_response()
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
-
-    def close(self, error: str | None = None) -> None:
-        if self._closed:
-            return
-        self.server_eof()  # completes responses delimited by the connection's end
-        self._closed = True
-        self._dead = True
-        if self._ws_flow is not None and not self._ws_flow.finished:
-            self.bus.done(self._ws_flow, error=error)
-        reason = error or "connection closed before the response was complete"
-        for flow in self._open_flows():
-            self.bus.done(flow, error=reason)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -455,17 +470,20 @@ class Http1Observer:
             flows.append(self._parsing.flow)
         return [f for f in flows if not f.finished]
 
-    def _fail(self, exc: Exception) -> None:
+    def _fail(self, exc: Exception, message: str | None = None) -> None:
+        """Stop decoding; open flows end with `message` (by default, what `exc` was)."""
         self._dead = True
-        if isinstance(exc, WebSocketError):
-            message = f"WebSocket decoding error: {exc}"
-        elif isinstance(exc, h11.ProtocolError):
-            message = f"HTTP/1 decoding error: {exc}"
-        else:
-            message = f"HTTP/1 decoder failed: {type(exc).__name__}: {exc}"
+        message = message or _decoding_failure(exc)
         flows = self._open_flows()
         if self._ws_flow is not None and not self._ws_flow.finished:
             flows.append(self._ws_flow)
         for flow in flows:
             self.bus.done(flow, error=message)
 
+
+def _decoding_failure(exc: Exception) -> str:
+    if isinstance(exc, WebSocketError):
+        return f"WebSocket decoding error: {exc}"
+    if isinstance(exc, h11.ProtocolError):
+        return f"HTTP/1 decoding error: {exc}"
+    return f"HTTP/1 decoder failed: {type(exc).__name__}: {exc}"

@@ -36,6 +36,7 @@ from engine.flow import (
     header,
 )
 from engine.http1 import UPDATE_INTERVAL, format_authority, new_flow, text
+from engine.observer import unfinished_reason
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DEFAULT_MAX_FRAME = 16384
@@ -111,6 +112,7 @@ class Http2Observer:
         self._pushed: set[int] = set()  # promised streams: decoded for HPACK, otherwise ignored
         self._dead = False
         self._closed = False
+        self._server_eof = False  # the server closed its side
 
     # -- StreamObserver -----------------------------------------------------------------------
 
@@ -124,14 +126,17 @@ class Http2Observer:
         pass
 
     def server_eof(self) -> None:
-        pass
+        self._server_eof = True
 
     def close(self, error: str | None = None) -> None:
         if self._closed:
             return
         self._closed = True
         self._dead = True
-        self._finish_open(error or "connection closed before the response was complete")
+        for stream in self._streams.values():
+            if not stream.flow.finished:
+                reason = unfinished_reason(stream.flow, error, self._server_eof)
+                self.bus.done(stream.flow, error=reason)
 
     # -- framing ------------------------------------------------------------------------------
 

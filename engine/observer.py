@@ -9,6 +9,19 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from engine.flow import Flow
+
+
+def unfinished_reason(flow: Flow, error: str | None, server_closed: bool) -> str:
+    """Why `flow` ended without its whole response. A server that closed first is the
+    reason, whatever came after: the app's answer to that close (OpenSSL's alert on a TLS
+    connection cut without close_notify, say) or the errors of a socket already gone."""
+    if server_closed:
+        if flow.response is None:
+            return "the server closed the connection before responding"
+        return "the server closed the connection before the response was complete"
+    return error or "connection closed before the response was complete"
+
 
 class StreamObserver(Protocol):
     def client_data(self, data: bytes) -> None:

@@ -626,7 +626,9 @@ class Relay:
             why = f"the app rejected tapui's TLS: {_ssl_reason(exc)}"
             if app_tls.handshake_done:
                 why = f"TLS error from the app: {_ssl_reason(exc)}"
-            self._close_observer(why)
+            # An OpenSSL app answers a server's close without close_notify with an alert
+            # (decode_error): the connection ended as the server chose.
+            self._close_observer(why, of_connection=not self._server_closed_bare)
             self.app.write_eof()
             if self.upstream is not None:
                 self.upstream.close()
@@ -778,7 +780,8 @@ class Relay:
             if self.mode == "tls-handshake":
                 self._tls_failed(f"upstream TLS handshake failed: {exc}")
                 return
-            self._close_observer(f"upstream error: {exc}")
+            # After the server's FIN, a failing socket (its RST) only says it is gone.
+            self._close_observer(f"upstream error: {exc}", of_connection=not self.upstream_eof_seen)
             self.app.abort()
         else:
             if not self.upstream_eof_seen:
@@ -815,6 +818,11 @@ class Relay:
         if self.upstream is not None:
             self.upstream.abort()
         self._summarise()
+
+    @property
+    def _server_closed_bare(self) -> bool:
+        """The server closed its side of the TLS connection without close_notify."""
+        return self.upstream_eof_seen and self.tls_up is not None and not self.tls_up.closed
 
     @property
     def _app_said_close_notify(self) -> bool:

@@ -405,6 +405,35 @@ def test_response_delimited_by_close() -> None:
     assert flow.state is FlowState.DONE and flow.response.body.read() == b"until the end"
 
 
+def _cut_short(server_closes: bool, error: str) -> tuple[Flow, Flow]:
+    """Two pipelined requests; the first response stops 5 bytes short; then the connection
+    ends with `error`, the server having closed first or not."""
+    c = Collector()
+    observer = Http1Observer(conn(), c.bus, "https", 0)
+    observer.client_data(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+    observer.server_data(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npart")
+    if server_closes:
+        observer.server_eof()
+    observer.close(error)
+    first, second = c.flows
+    return first, second
+
+
+def test_a_server_closing_first_is_why_an_exchange_ended_whatever_follows() -> None:
+    """An app answers the server's close (a TLS alert, a reset): the close is the reason."""
+    first, second = _cut_short(True, "TLS error from the app: TLSV1_ALERT_DECODE_ERROR")
+    assert first.error.startswith(
+        "the server closed the connection before the response was complete (")
+    assert "received 4 bytes, expected 9" in first.error
+    assert second.error == "the server closed the connection before responding"
+    assert first.state is second.state is FlowState.ERROR
+
+
+def test_an_exchange_cut_short_by_the_app_ends_with_the_apps_error() -> None:
+    first, second = _cut_short(False, "app reset the connection")
+    assert first.error == second.error == "app reset the connection"
+
+
 def test_no_host_uses_server_address() -> None:
     c = decode([("c", b"GET /x HTTP/1.0\r\n\r\n"), ("s", b"HTTP/1.0 204 No Content\r\n\r\n")])
     (flow,) = c.flows

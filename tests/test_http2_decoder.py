@@ -267,6 +267,20 @@ def test_connection_close_marks_unfinished() -> None:
     assert flow.state is FlowState.ERROR and "closed" in flow.error
 
 
+def test_a_server_closing_first_is_why_a_stream_ended() -> None:
+    p = H2Pair()
+    p.request("/never")
+    p.flush()
+    c = Collector()
+    obs = Http2Observer(Connection(1, (LOCAL, 40000), (LOCAL, 8443)), c.bus, "https", 0)
+    for tag, data in p.record:
+        (obs.client_data if tag == "c" else obs.server_data)(data)
+    obs.server_eof()
+    obs.close("app reset the connection")
+    (flow,) = c.flows
+    assert flow.error == "the server closed the connection before responding"
+
+
 # -- curl against a real h2 server ----------------------------------------------------------
 
 

@@ -583,3 +583,22 @@ def test_exchanges_inside_a_proxys_connect_tunnel_are_decoded(
         ("CONNECT", f"http://api.example.test:{port}", 200),
         ("GET", url, 200),
     ]
+
+
+def test_a_server_closing_without_a_response_is_the_exchanges_error(
+    ca: trustme.CA, ca_file: str
+) -> None:
+    """The app's OpenSSL answers the server's bare close with an alert (decode_error): that
+    follows the server's close, which is what the exchange and the connection ended with."""
+    ctx = tls_servers.server_context(ca, [])
+
+    def handle(raw: socket.socket) -> None:
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            _read_head(conn)  # and close, with no response and no close_notify
+
+    with tls_listener(handle) as port:
+        result = tapui_https(ca_file, "curl", "-sS", "--http1.1", f"https://{HOST}:{port}/gone")
+    assert result.returncode != 0
+    (exchange,) = [line for line in result.stderr.splitlines() if " GET https://" in line]
+    assert exchange.endswith("error: the server closed the connection before responding")
+    assert "error" not in _exchange_line(result.stderr)
