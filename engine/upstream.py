@@ -16,6 +16,7 @@ watches as a single reader.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import select
 import socket
@@ -95,6 +96,7 @@ class UpstreamTransport:
         self._at_eof = False  # the peer has sent its FIN
         self._eof_wanted = False  # shut the write side once the buffer drains
         self._eof_sent = False
+        self._reset_is_end = False  # see _shutdown_write
         self._closing = False
         self._lost = False
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -108,8 +110,10 @@ class UpstreamTransport:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._force_close(exc)
-            return
+            if not self._reset_is_end:
+                self._force_close(exc)
+                return
+            data = b""
         try:
             if data:
                 self._protocol.data_received(data)
@@ -202,7 +206,13 @@ class UpstreamTransport:
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            self._force_close(exc)
+            if exc.errno != errno.ENOTCONN:
+                self._force_close(exc)
+                return
+            # Reset before our FIN: the peer had closed, and our last bytes (an app's
+            # close_notify, say) met its closed socket, whose kernel answered with RST. What
+            # it sent before is still to be read; then the reset reads as its end.
+            self._reset_is_end = True
 
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)

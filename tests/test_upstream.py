@@ -109,6 +109,31 @@ def test_a_reset_by_the_peer_ends_the_transport_with_the_error() -> None:
     asyncio.run(scenario())
 
 
+def test_a_reset_answering_our_last_bytes_after_the_peers_close_is_its_end() -> None:
+    """The peer sends its reply and closes; our last bytes (an app's close_notify) meet its
+    closed socket and the kernel answers with RST before our FIN: the reply is read whole
+    and the connection ends without an error."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ours, peer = connected_pair()
+        proto = Recorder()
+        transport = UpstreamTransport(
+            ReadPoller(loop), ours, proto, 65536, high_water=1 << 20, low_water=1 << 18
+        )
+        peer.sendall(b"the reply")
+        peer.close()  # (the loop does not run our reader before the next lines)
+        transport.write(b"close_notify")  # answered with RST at once on the loopback
+        transport.write_eof()
+        await asyncio.wait_for(proto.eof.wait(), 5)
+        assert bytes(proto.data) == b"the reply"
+        transport.close()
+        await asyncio.wait_for(proto.lost.wait(), 5)
+        assert proto.lost_with is None
+
+    asyncio.run(scenario())
+
+
 class Failing(Recorder):
     def data_received(self, data: bytes) -> None:
         raise ValueError("a bug in the relay")
