@@ -43,6 +43,15 @@ class AddressPlan:
         """What tapui dials on the host for an address the app dialled."""
         return self.mapped.get(dialled, dialled)
 
+    def other_loopback(self, dialled: str, refused: str) -> str | None:
+        """For the host alias's addresses: the host loopback to try when the one dialled
+        (`refused`) refuses. A server on the host listens on 127.0.0.1 or on ::1, often not
+        on both; apps try the alias's IPv6 address first, and would otherwise meet a refusal
+        (and a failed connection in the list) each time before falling back."""
+        if dialled in (GATEWAY_V4, GATEWAY_V6) and refused == self.mapped[dialled]:
+            return "::1" if refused == "127.0.0.1" else "127.0.0.1"
+        return None
+
     def lookup(self, name: str) -> list[str] | None:
         return self.names.get(name.lower().rstrip("."))
 

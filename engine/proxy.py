@@ -251,6 +251,7 @@ class Relay:
         self.connected: float | None = None
         self.tls_done: float | None = None
         self.tunnel_opened: float | None = None  # when a proxy accepted the app's CONNECT
+        self.refused_first: str | None = None  # the host loopback that refused (see connect)
 
     # ---- connecting -----------------------------------------------------------------------
 
@@ -258,7 +259,8 @@ class Relay:
         """Dial the upstream with a non-blocking connect; the SYN-ACK waits for the result.
 
         Done by hand rather than with loop.create_connection, which takes five trips round the
-        event loop (~0.3 ms here) on the path of every new connection.
+        event loop (~0.3 ms here) on the path of every new connection. The host alias refused
+        on one loopback is tried on the other (`AddressPlan.other_loopback`).
         """
         host, port = self.info.upstream  # type: ignore[misc]
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -298,6 +300,13 @@ class Relay:
                 return
         sock.close()
         if err == errno.ECONNREFUSED:
+            host, port = self.info.upstream  # type: ignore[misc]
+            other = self.proxy.plan.other_loopback(self.app.server[0], host)
+            if other is not None:
+                self.refused_first = host
+                self.info.upstream = (other, port)
+                self.connect()
+                return
             self._failed_connect("connection refused")
             self.app.refuse()
         elif err == errno.ETIMEDOUT:
@@ -324,7 +333,9 @@ class Relay:
         self._prepare_upstream_tls()
 
     def _failed_connect(self, why: str) -> None:
-        self._record_failure(f"upstream {self.info.upstream[0]}:{self.info.upstream[1]}: {why}")  # type: ignore[index]
+        host, port = self.info.upstream  # type: ignore[misc]
+        tried = f"{self.refused_first}:{port} and {host}:{port}" if self.refused_first else f"{host}:{port}"
+        self._record_failure(f"upstream {tried}: {why}")
 
     def _record_failure(self, why: str) -> None:
         """The connection ends before any exchange: a raw flow with the error, and its line."""

@@ -246,6 +246,27 @@ def test_refused_port_is_refused_inside() -> None:
     assert "connection refused" in result.stderr  # the connection line says why
 
 
+@pytest.mark.parametrize("family", ["4", "6"])
+def test_the_host_alias_reaches_a_server_on_either_loopback_by_either_family(
+    http_port: int, http6_port: int, family: str
+) -> None:
+    """A server listening only on 127.0.0.1 (or only on ::1) is reached through the alias's
+    IPv6 (or IPv4) address too, with no refused attempt on the way."""
+    port = http_port if family == "6" else http6_port  # the other family's loopback
+    result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "connect", HOST, str(port), family)
+    assert result.returncode == 0, result.stderr
+    alias = "169.254.77.1" if family == "4" else "fd7a:7a70:7a70::1"
+    assert result.stdout.strip() == f"connected {alias}"
+    assert "error" not in result.stderr
+
+
+def test_the_host_alias_refused_on_both_loopbacks_is_refused_and_says_so() -> None:
+    port = servers.free_port()
+    result = run_tapui("--no-ui", "--", PY, client("netcheck.py"), "connect", HOST, str(port), "6")
+    assert result.stdout.strip() == "refused"
+    assert f"upstream ::1:{port} and 127.0.0.1:{port}: connection refused" in result.stderr
+
+
 def test_ipv6_reaches_hosts_ipv6_loopback(digest6_port: int) -> None:
     result = run_tapui(
         "--no-ui", "-q", "--", PY, client("stress.py"), "fd7a:7a70:7a70::1", str(digest6_port),
