@@ -93,6 +93,8 @@ def _split_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Head
 class Http2Observer:
     """StreamObserver decoding HTTP/2 streams into flows (one flow per request stream)."""
 
+    tunnel = False  # (CONNECT over HTTP/2 is not followed)
+
     def __init__(
         self,
         conn: Connection,

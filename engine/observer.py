@@ -7,9 +7,11 @@ An observer must never raise into the relay: a decoding error marks the flow ins
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Protocol
 
-from engine.flow import Flow
+from engine.flow import Connection, Flow, FlowBus, FlowKind, FlowState, Timings
 
 
 def unfinished_reason(flow: Flow, error: str | None, server_closed: bool) -> str:
@@ -24,6 +26,10 @@ def unfinished_reason(flow: Flow, error: str | None, server_closed: bool) -> str
 
 
 class StreamObserver(Protocol):
+    #: The far end of a proxy's tunnel speaks next: an HTTP proxy granted a CONNECT, or a
+    #: SOCKS proxy did. The relay then tells apart what follows as on a new connection.
+    tunnel: bool
+
     def client_data(self, data: bytes) -> None:
         """Bytes the app sent toward the server."""
 
@@ -38,3 +44,49 @@ class StreamObserver(Protocol):
 
     def close(self, error: str | None = None) -> None:
         """The connection ended; `error` says why when it did not end cleanly."""
+
+
+class RawObserver:
+    """One TCP (or UDP) flow per connection that counts the bytes each way."""
+
+    tunnel = False
+
+    def __init__(
+        self, conn: Connection, bus: FlowBus, timings: Timings | None = None, interval: float = 0.5
+    ) -> None:
+        kind = FlowKind.UDP if conn.transport == "udp" else FlowKind.TCP
+        self.flow = Flow(conn=conn, kind=kind)
+        if timings is not None:
+            self.flow.timings = dataclasses.replace(timings)
+        self.bus = bus
+        self._interval = interval
+        self._last = time.monotonic()
+        bus.new(self.flow)
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self.bus.update(self.flow)
+
+    def client_data(self, data: bytes) -> None:
+        self.flow.bytes_sent += len(data)
+        self._progress()
+
+    def server_data(self, data: bytes) -> None:
+        if self.flow.timings.first_byte is None:
+            self.flow.timings.first_byte = time.time()
+        self.flow.bytes_received += len(data)
+        self._progress()
+
+    def client_eof(self) -> None:
+        pass
+
+    def server_eof(self) -> None:
+        pass
+
+    def close(self, error: str | None = None) -> None:
+        if not self.flow.finished:
+            if self.flow.state is FlowState.OPEN:
+                self.flow.state = FlowState.RESPONSE
+            self.bus.done(self.flow, error=error)

@@ -24,7 +24,6 @@ from engine.addresses import AddressPlan
 from engine.ca import CertificateAuthority
 from engine.dns import DnsResolver
 from engine.flow import Connection, ConnectionSummary, FlowBus, Timings, next_connection_id
-from engine.http1 import Http1Observer
 from engine.observer import StreamObserver
 from engine.tcp import TcpConnection
 from engine.tls_endpoint import TlsEndpoint
@@ -446,6 +445,9 @@ class Relay:
                 return
         if kind == "tls":
             kind = "unknown"
+        if kind in ("socks5", "socks4"):
+            self._go_plain(kind, "tcp")
+            return
         self._go_plain(kind if kind in ("http1", "h2") else "unknown", "http")
 
     def _wait_for_more(self) -> None:
@@ -733,12 +735,13 @@ class Relay:
             if self.observer is None:  # (none, or it failed on an earlier part)
                 break
             self._observe(self.observer.server_data, part)
-        if self.mode == "plain" and isinstance(self.observer, Http1Observer) and self.observer.tunnel:
-            self._enter_tunnel()
+        if self.mode == "plain" and self.observer is not None and self.observer.tunnel:
+            self._enter_tunnel()  # an HTTP proxy's CONNECT, or a SOCKS proxy's, was granted
 
     def _enter_tunnel(self) -> None:
-        """A proxy accepted the app's CONNECT: what the app sends next is meant for the far end,
-        so it is told apart afresh (TLS intercepted, HTTP decoded) as on a new connection."""
+        """A proxy (HTTP or SOCKS) accepted the app's CONNECT: what the app sends next is meant
+        for the far end, so it is told apart afresh (TLS intercepted, HTTP decoded) as on a new
+        connection."""
         self._close_observer(None)  # (the CONNECT flow is done)
         self.mode = "sniff"
         self.tunnel_opened = time.time()

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import time
 from typing import Literal
 
-from engine.flow import DEFAULT_BODY_CAP, Connection, Flow, FlowBus, FlowKind, FlowState, Timings
+from engine.flow import DEFAULT_BODY_CAP, Connection, FlowBus, Timings
 from engine.http1 import Http1Observer
 from engine.http2 import Http2Observer
-from engine.observer import StreamObserver
+from engine.observer import RawObserver, StreamObserver
+from engine.socks import SocksObserver, looks_like_socks
 
-Kind = Literal["tls", "http1", "h2", "unknown", "need-more"]
+Kind = Literal["tls", "http1", "h2", "socks5", "socks4", "unknown", "need-more"]
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -31,10 +30,14 @@ _LINE_LIMIT = 8192
 
 
 def classify(first_bytes: bytes) -> Kind:
-    """ "tls", "http1", "h2" (prior knowledge), "unknown" (raw TCP) or "need-more"."""
+    """ "tls", "http1", "h2" (prior knowledge), "socks5" or "socks4" (a SOCKS proxy's client),
+    "unknown" (raw TCP) or "need-more"."""
     data = first_bytes
     if not data:
         return "need-more"
+    socks = looks_like_socks(data)
+    if socks is not None:
+        return socks  # type: ignore[return-value]
     if data[0] == 0x16:
         if len(data) < 3:
             return "need-more"
@@ -62,50 +65,6 @@ def begins_like_http(first_bytes: bytes) -> bool:
     return 0 < len(first_bytes) <= _MAX_METHOD and any(m.startswith(first_bytes) for m in METHODS)
 
 
-class RawObserver:
-    """One TCP (or UDP) flow per connection that counts the bytes each way."""
-
-    def __init__(
-        self, conn: Connection, bus: FlowBus, timings: Timings | None = None, interval: float = 0.5
-    ) -> None:
-        kind = FlowKind.UDP if conn.transport == "udp" else FlowKind.TCP
-        self.flow = Flow(conn=conn, kind=kind)
-        if timings is not None:
-            self.flow.timings = dataclasses.replace(timings)
-        self.bus = bus
-        self._interval = interval
-        self._last = time.monotonic()
-        bus.new(self.flow)
-
-    def _progress(self) -> None:
-        now = time.monotonic()
-        if now - self._last >= self._interval:
-            self._last = now
-            self.bus.update(self.flow)
-
-    def client_data(self, data: bytes) -> None:
-        self.flow.bytes_sent += len(data)
-        self._progress()
-
-    def server_data(self, data: bytes) -> None:
-        if self.flow.timings.first_byte is None:
-            self.flow.timings.first_byte = time.time()
-        self.flow.bytes_received += len(data)
-        self._progress()
-
-    def client_eof(self) -> None:
-        pass
-
-    def server_eof(self) -> None:
-        pass
-
-    def close(self, error: str | None = None) -> None:
-        if not self.flow.finished:
-            if self.flow.state is FlowState.OPEN:
-                self.flow.state = FlowState.RESPONSE
-            self.bus.done(self.flow, error=error)
-
-
 def make_observer(
     kind: str,
     conn: Connection,
@@ -114,7 +73,8 @@ def make_observer(
     body_cap: int = DEFAULT_BODY_CAP,
     timings: Timings | None = None,
 ) -> StreamObserver:
-    """The observer for plaintext of `kind` ("http1", "h2", anything else: raw bytes).
+    """The observer for plaintext of `kind` ("http1", "h2", "socks5" or "socks4", anything
+    else: raw bytes).
 
     `timings` (optional) carries the connection's dns/connect/tls times into its first flow.
     """
@@ -122,4 +82,6 @@ def make_observer(
         return Http1Observer(conn, bus, scheme, body_cap, timings)
     if kind == "h2":
         return Http2Observer(conn, bus, scheme, body_cap, timings)
+    if kind in ("socks5", "socks4"):
+        return SocksObserver(conn, bus, timings)
     return RawObserver(conn, bus, timings)

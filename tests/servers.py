@@ -150,20 +150,78 @@ class ConnectProxyHandler(socketserver.BaseRequestHandler):
         self.server.targets.append(target)  # type: ignore[attr-defined]
         upstream = socket.create_connection(("127.0.0.1", int(target.rsplit(":", 1)[1])))
         client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        _join(client, upstream)
 
-        def pipe(src: socket.socket, dst: socket.socket) -> None:
-            try:
-                while data := src.recv(1 << 16):
-                    dst.sendall(data)
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
-        other = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
-        other.start()
-        pipe(client, upstream)
-        other.join(10)
-        upstream.close()
+def _join(client: socket.socket, upstream: socket.socket) -> None:
+    """Pipe bytes both ways until both sides are done (a proxy's tunnel), then close."""
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    other = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+    other.start()
+    pipe(client, upstream)
+    other.join(10)
+    upstream.close()
+
+
+class SocksProxyHandler(socketserver.BaseRequestHandler):
+    """A SOCKS proxy (4, 4a, 5 with no login or a username and password) for CONNECT only: it
+    records (target, login) and joins the client to the target's port on 127.0.0.1 (whatever
+    host was named: tests never leave the loopback)."""
+
+    def handle(self) -> None:
+        client: socket.socket = self.request
+        first = _recv_exact(client, 2)
+        if first is None:
+            return
+        login = None
+        if first[0] == 4:
+            rest = _recv_exact(client, 6) or bytes(6)  # port, address
+            _recv_until_nul(client)  # the user id
+            port = int.from_bytes(rest[:2], "big")
+            if rest[2:5] == b"\0\0\0" and rest[5] != 0:  # SOCKS4a: a name follows
+                host = _recv_until_nul(client).decode()
+            else:
+                host = socket.inet_ntoa(rest[2:6])
+            reply = b"\0\x5a" + rest
+        else:
+            methods = _recv_exact(client, first[1]) or b""
+            if 2 in methods:
+                client.sendall(b"\x05\x02")
+                head = _recv_exact(client, 2) or b"\1\0"
+                user = _recv_exact(client, head[1]) or b""
+                size = _recv_exact(client, 1) or b"\0"
+                password = _recv_exact(client, size[0]) or b""
+                login = f"{user.decode()}:{password.decode()}"
+                client.sendall(b"\x01\x00")
+            else:
+                client.sendall(b"\x05\x00")
+            head = _recv_exact(client, 4) or b"\0\0\0\0"
+            if head[3] == 3:
+                size = _recv_exact(client, 1) or b"\0"
+                host = (_recv_exact(client, size[0]) or b"").decode()
+            else:
+                raw = _recv_exact(client, 4 if head[3] == 1 else 16) or b""
+                host = socket.inet_ntop(socket.AF_INET if head[3] == 1 else socket.AF_INET6, raw)
+            port = int.from_bytes(_recv_exact(client, 2) or b"\0\0", "big")
+            reply = b"\x05\x00\x00\x01" + socket.inet_aton("127.0.0.1") + port.to_bytes(2, "big")
+        self.server.targets.append((f"{host}:{port}", login))  # type: ignore[attr-defined]
+        upstream = socket.create_connection(("127.0.0.1", port))
+        client.sendall(reply)
+        _join(client, upstream)
+
+
+def socks_proxy() -> _ThreadingServer:
+    server = _ThreadingServer(("127.0.0.1", 0), SocksProxyHandler)
+    server.targets = []  # type: ignore[attr-defined]
+    return server
 
 
 def connect_proxy() -> _ThreadingServer:
@@ -189,6 +247,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
         if not chunk:
             return None
         buf += chunk
+    return buf
+
+
+def _recv_until_nul(sock: socket.socket) -> bytes:
+    buf = b""
+    while (byte := sock.recv(1)) not in (b"", b"\0"):
+        buf += byte
     return buf
 
 

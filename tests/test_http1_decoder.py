@@ -17,7 +17,8 @@ import pytest
 
 from engine.flow import Connection, EventKind, Flow, FlowBus, FlowEvent, FlowKind, FlowState
 from engine.http1 import Http1Observer
-from engine.sniff import RawObserver, begins_like_http, classify, make_observer
+from engine.observer import RawObserver
+from engine.sniff import begins_like_http, classify, make_observer
 
 LOCAL = "127.0.0.1"
 

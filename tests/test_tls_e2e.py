@@ -585,6 +585,34 @@ def test_exchanges_inside_a_proxys_connect_tunnel_are_decoded(
     ]
 
 
+@pytest.mark.parametrize(
+    ("proxy", "login"),
+    [("socks5h://127.0.0.1:{port}", None), ("socks5h://who:secret@127.0.0.1:{port}", "who:secret"),
+     ("socks4a://127.0.0.1:{port}", None)],
+    ids=["socks5", "socks5-login", "socks4a"],
+)
+def test_exchanges_through_a_socks_proxy_are_decoded(
+    ca_file: str, https: servers._ThreadingServer, tmp_path: Path, proxy: str, login: str | None
+) -> None:
+    """An app set to use a SOCKS proxy (all_proxy) asks it for the far end by name; once the
+    proxy grants it, what the app sends through is intercepted and decoded."""
+    port = https.server_address[1]
+    url = f"https://api.example.test:{port}/hello"
+    har = tmp_path / "socks.har"
+    socks = servers.socks_proxy()
+    with servers.running(socks) as proxy_port:
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env["all_proxy"] = proxy.format(port=proxy_port)  # (the host's: tapui points it there)
+        result = run_tapui("--no-ui", "--upstream-ca", ca_file, "--har", str(har), "--",
+                           "curl", "-sS", url, env=env)
+    assert socks.targets == [(f"api.example.test:{port}", login)]  # type: ignore[attr-defined]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+    assert [(e["request"]["method"], e["request"]["url"], e["response"]["status"])
+            for e in entries(har)] == [("GET", url, 200)]
+    assert "error" not in result.stderr
+
+
 def test_a_server_closing_without_a_response_is_the_exchanges_error(
     ca: trustme.CA, ca_file: str
 ) -> None:
