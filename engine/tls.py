@@ -85,7 +85,9 @@ def load_upstream_context_early(insecure: bool, extra_ca_files: list[str]) -> No
         except (ssl.SSLError, OSError):
             pass  # the first connection tries again and reports it
 
-    threading.Thread(target=load, name="tapui-upstream-trust", daemon=True).start()
+    # Not a daemon: the interpreter's exit waits for it. OpenSSL's exit-time cleanup running
+    # under a load still in progress crashed about one run in 40 of `tapui -- true`.
+    threading.Thread(target=load, name="tapui-upstream-trust").start()
 
 
 def _new_upstream_context(insecure: bool, extra_ca_files: list[str] | None) -> ResumingContext:
