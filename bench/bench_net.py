@@ -7,6 +7,10 @@ latency tapui adds per new connection.
     python bench/bench_net.py [--size-mib 1024] [--connections 500] [--only plain|https]
                               [--repeat 3] [--mitmdump]
 
+With the HTTPS figures it prints the TLS work tapui does for a download done alone (decrypt,
+encrypt again, in memory, on one core), as a ratio to the direct download: a ceiling for
+tapui's HTTPS relay on the machine at hand.
+
 Each throughput figure is the median of --repeat transfers; latencies are p50/p90 over
 --connections sequential connections, dialled by address (no DNS lookup is timed). Direct and
 tapui runs alternate (direct, tapui, direct, ...), so a slow spell of a noisy machine weighs
@@ -252,6 +256,11 @@ def https(args: argparse.Namespace, tmp: str, mitm: Mitmdump | None) -> None:
                 direct_extra=("--cacert", ca_file, flag), tapui_extra=(flag,),
             )
             report_throughput(name, direct, through, 0.4)
+            if flag == "--http1.1":
+                alone = tls_work_alone(cert_file, key_file, ca_file)
+                print(f"{'  TLS work alone, one core':<28} {alone:8.0f} MB/s"
+                      f"{'':>26}ratio {alone / direct:4.2f}x  (decrypt and encrypt again, in "
+                      "memory: the ceiling here)")
             if mitm is not None:
                 mitm.start(ca_file)
                 url = f"https://127.0.0.1:{port}/{args.size_mib}"
@@ -278,6 +287,45 @@ def https(args: argparse.Namespace, tmp: str, mitm: Mitmdump | None) -> None:
         TAPUI_OPTIONS.clear()
         stop(h1)
         stop(h2)
+
+
+def tls_work_alone(cert_file: str, key_file: str, ca_file: str, mib: int = 256) -> float:
+    """MB/s of the TLS work tapui does for a download, alone: decrypting the server's records
+    and encrypting them again for the app, in memory, on one core (no sockets, no copies to
+    the kernel). A ceiling for its HTTPS relay on this machine."""
+    import ssl
+
+    from engine.tls_endpoint import TlsEndpoint
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert_file, key_file)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(ca_file)
+
+    def pair() -> tuple[TlsEndpoint, TlsEndpoint]:
+        server = TlsEndpoint(server_ctx, server_side=True)
+        client = TlsEndpoint(client_ctx, server_side=False, server_hostname=ALIAS)
+        while not (client.handshake() and server.handshake()):
+            server.feed(client.output())
+            server.handshake()
+            client.feed(server.output())
+        client.read()  # (the session tickets)
+        return server, client
+
+    upstream, tapui_client = pair()  # the server's records, and tapui reading them
+    tapui_server, _app = pair()  # tapui writing them again for the app
+    chunk = b"x" * (1 << 20)
+    records = []
+    for _ in range(mib):
+        upstream.write(chunk)
+        records.append(upstream.output())
+    start = time.perf_counter()
+    for data in records:
+        tapui_client.feed(data)
+        for part in tapui_client.read():
+            tapui_server.write(part)
+        tapui_server.output()
+    return mib * (1 << 20) / (time.perf_counter() - start) / 1e6
 
 
 def stop(server: subprocess.Popen) -> None:
