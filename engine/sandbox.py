@@ -66,8 +66,32 @@ def _read_sysctl(path: str) -> str | None:
         return None
 
 
+CAP_SETFCAP = 31
+
+
+def _root_without_setfcap() -> bool:
+    """Root inside a user namespace (another tapui's sandbox, say) without CAP_SETFCAP: since
+    Linux 5.12 such a root may not map itself into a new user namespace."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        status = Path("/proc/self/status").read_text()
+        identity = Path("/proc/self/uid_map").read_text().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
+    effective = next((line.split()[1] for line in status.splitlines()
+                      if line.startswith("CapEff:")), "0")
+    return not identity and not int(effective, 16) >> CAP_SETFCAP & 1
+
+
 def explain_userns_failure(detail: str) -> TapuiError:
     """The one-paragraph explanation of why a user namespace could not be made."""
+    if "uid_map" in detail and _root_without_setfcap():
+        return TapuiError(
+            "tapui cannot start its sandbox: it runs as root inside a user namespace (another "
+            "tapui's sandbox, or a container) without the CAP_SETFCAP capability, and the kernel "
+            "lets no such root map itself into a new user namespace. Fix: run tapui there as a "
+            f"regular user (non-root users can nest sandboxes). ({detail})", EXIT_USERNS)
     if _read_sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
         why = (
             "AppArmor restricts unprivileged user namespaces on this system "

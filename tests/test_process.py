@@ -248,6 +248,17 @@ def test_apparmor_restricting_user_namespaces_explains_the_fix() -> None:
     assert "sysctl kernel.apparmor_restrict_unprivileged_userns=0" in stderr
 
 
+@pytest.mark.usefixtures("sandbox")
+def test_root_inside_a_sandbox_is_told_why_it_cannot_make_another() -> None:
+    """Root without CAP_SETFCAP (as every command in a sandbox is) may not map itself into a
+    new user namespace (Linux 5.12 and later): the message says so, not that seccomp did it."""
+    requires_root()
+    result = run_tapui("--no-ui", "-q", "--no-save", "--", *tapui_command("--no-ui", "--", "true"))
+    assert result.returncode == EXIT_USERNS, result.stderr
+    assert "runs as root inside a user namespace" in result.stderr
+    assert "seccomp" not in result.stderr and "Traceback" not in result.stderr
+
+
 @contextmanager
 def traversable_interpreter() -> Iterator[None]:
     """Let other users traverse (o+x, no listing) the directories above this interpreter and
