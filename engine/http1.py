@@ -260,8 +260,7 @@ class Http1Observer:
         self._dead = True
         if self._ws_flow is not None and not self._ws_flow.finished:
             self.bus.done(self._ws_flow, error=error)
-        for flow in self._open_flows():
-            self.bus.done(flow, error=unfinished_reason(flow, error, self._server_eof))
+        self._end_open(error, self._server_eof)
 
     def _end_responses(self, server_closed: bool, error: str | None = None) -> None:
         """The connection's end: completes a response delimited by it, or ends the flows
@@ -276,11 +275,7 @@ class Http1Observer:
                     reader.read_eof()  # raises, unless the body is delimited by the close
                 except h11.RemoteProtocolError as exc:  # cut short: not a decoding error
                     self._dead = True
-                    for flow in self._open_flows():
-                        reason = unfinished_reason(flow, error, server_closed)
-                        if server_closed and flow.response is not None:
-                            reason += f" ({exc})"
-                        self.bus.done(flow, error=reason)
+                    self._end_open(error, server_closed, detail=str(exc) if server_closed else None)
                     return
                 self._response_end(h11.EndOfMessage())
             self._announce_response()
@@ -469,6 +464,15 @@ class Http1Observer:
         if self._parsing is not None and self._parsing not in self._queue:
             flows.append(self._parsing.flow)
         return [f for f in flows if not f.finished]
+
+    def _end_open(self, error: str | None, server_closed: bool, detail: str | None = None) -> None:
+        """End the flows the connection's end leaves open (`detail` goes to one whose
+        response had begun)."""
+        for flow in self._open_flows():
+            reason = unfinished_reason(flow, error, server_closed)
+            if detail and flow.response is not None:
+                reason += f" ({detail})"
+            self.bus.done(flow, error=reason)
 
     def _fail(self, exc: Exception, message: str | None = None) -> None:
         """Stop decoding; open flows end with `message` (by default, what `exc` was)."""

@@ -135,10 +135,7 @@ class Http2Observer:
             return
         self._closed = True
         self._dead = True
-        for stream in self._streams.values():
-            if not stream.flow.finished:
-                reason = unfinished_reason(stream.flow, error, self._server_eof)
-                self.bus.done(stream.flow, error=reason)
+        self._finish_open(error, server_closed=self._server_eof)
 
     # -- framing ------------------------------------------------------------------------------
 
@@ -324,7 +321,7 @@ class Http2Observer:
             stream.last_update = now
             self.bus.update(flow)
 
-    def _finish_open(self, error: str) -> None:
+    def _finish_open(self, error: str | None, server_closed: bool = False) -> None:
         for stream in self._streams.values():
             if not stream.flow.finished:
-                self.bus.done(stream.flow, error=error)
+                self.bus.done(stream.flow, error=unfinished_reason(stream.flow, error, server_closed))

@@ -250,7 +250,6 @@ class Relay:
         self.connected: float | None = None
         self.tls_done: float | None = None
         self.tunnel_opened: float | None = None  # when a proxy accepted the app's CONNECT
-        self.refused_first: str | None = None  # the host loopback that refused (see connect)
 
     # ---- connecting -----------------------------------------------------------------------
 
@@ -302,7 +301,6 @@ class Relay:
             host, port = self.info.upstream  # type: ignore[misc]
             other = self.proxy.plan.other_loopback(self.app.server[0], host)
             if other is not None:
-                self.refused_first = host
                 self.info.upstream = (other, port)
                 self.connect()
                 return
@@ -333,7 +331,8 @@ class Relay:
 
     def _failed_connect(self, why: str) -> None:
         host, port = self.info.upstream  # type: ignore[misc]
-        tried = f"{self.refused_first}:{port} and {host}:{port}" if self.refused_first else f"{host}:{port}"
+        first = self.proxy.plan.upstream_address(self.app.server[0])  # host, unless it fell back
+        tried = f"{host}:{port}" if first == host else f"{first}:{port} and {host}:{port}"
         self._record_failure(f"upstream {tried}: {why}")
 
     def _record_failure(self, why: str) -> None:
