@@ -3,7 +3,8 @@
 `Capture.start()` prepares everything that can fail with a clear message (CA, sandbox);
 `Capture.run()` is the asyncio side: it lets the command run, relays until it exits (or, with
 keep_running, until no process is left in the sandbox), then tears the stack down and returns
-the command's exit status.
+the command's exit status. Processes the command leaves running are ended by the sandbox's agent
+once tapui lets it go (or dies).
 """
 
 from __future__ import annotations
@@ -244,6 +245,7 @@ class Capture:
                     await asyncio.sleep(KEEP_RUNNING_POLL)
             else:
                 await self._drain(loop)
+                self.status.left_running = len(sandbox.processes_left())
             self.status.state = CommandState.EXITED
             return code
         finally:
@@ -295,6 +297,8 @@ class Capture:
         if self.tun_fd is not None:
             os.close(self.tun_fd)
             self.tun_fd = None
+        if self.sandbox is not None:
+            self.sandbox.end_agent()  # it ends what the command left running
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def cleanup(self) -> None:

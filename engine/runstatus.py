@@ -20,5 +20,7 @@ class RunStatus:
     exit_code: int | None = None
     message: str | None = None  # why it failed to start, when it did
     pid: int | None = None
+    #: Processes the command left running in the sandbox when it exited (ended with it).
+    left_running: int = 0
     #: File descriptor of the pseudo-terminal master carrying the command's output (UI mode).
     output_fd: int | None = field(default=None, repr=False)

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import sandbox_agent
 from engine.errors import (
     EXIT_NOT_EXECUTABLE,
     EXIT_NOT_FOUND,
@@ -240,6 +241,10 @@ class Sandbox:
         self.netns_inode: int | None = None
         #: A NETLINK_SOCK_DIAG socket inside the sandbox's network namespace.
         self.diag_socket: socket.socket | None = None
+        #: tapui's end of the sandbox agent's socket (engine.sandbox_agent): closing it (or
+        #: tapui's death) makes the agent end the processes left in the sandbox.
+        self.agent: socket.socket | None = None
+        self.agent_pid: int | None = None
 
     @property
     def pid(self) -> int:
@@ -294,7 +299,7 @@ class Sandbox:
             parent.sendall(payload[sent:])
         except OSError:
             pass  # the helper is gone: said below
-        msg, fds, _flags, _addr = socket.recv_fds(parent, 65536, 2)
+        msg, fds, _flags, _addr = socket.recv_fds(parent, 65536, 3)
         if not fds:
             self.proc.wait()
             try:
@@ -312,9 +317,12 @@ class Sandbox:
             self.netns_inode = os.stat(f"/proc/{self.proc.pid}/ns/net").st_ino
         except OSError:
             self.netns_inode = None
+        for fd in fds:
+            os.set_inheritable(fd, False)  # (recv_fds does not ask for close-on-exec)
         os.set_blocking(fds[0], False)
-        if len(fds) > 1:
-            self.diag_socket = socket.socket(fileno=fds[1])
+        self.diag_socket = socket.socket(fileno=fds[1])
+        self.agent = socket.socket(fileno=fds[2])
+        self.agent_pid = json.loads(msg)["agent_pid"]
         return fds[0]
 
     def go(self) -> None:
@@ -332,7 +340,14 @@ class Sandbox:
                 report = {"error": "exec", "detail": msg.decode(errors="replace")}
             raise _explain(report, self.cfg)
 
+    def end_agent(self) -> None:
+        """Let the agent go: it ends the processes left in the sandbox, and itself."""
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
+
     def abort(self) -> None:
+        self.end_agent()
         if self.diag_socket is not None:
             self.diag_socket.close()
             self.diag_socket = None
@@ -343,19 +358,11 @@ class Sandbox:
             self.proc.kill()
             self.proc.wait()
 
-    def processes_left(self) -> bool:
-        """Whether any process still lives in the sandbox's network namespace."""
+    def processes_left(self) -> list[int]:
+        """The processes that still live in the sandbox (its agent aside)."""
         if self.netns_inode is None:
-            return False
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.stat(f"/proc/{entry.name}/ns/net").st_ino == self.netns_inode:
-                    return True
-            except OSError:
-                continue
-        return False
+            return []
+        return sandbox_agent.members(self.netns_inode, self.agent_pid or -1)
 
 
 def exit_status(returncode: int) -> int:

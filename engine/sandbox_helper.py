@@ -3,12 +3,14 @@
 Run as `python -m engine.sandbox_helper FD` with FD one end of a socketpair, as early as tapui
 can (its imports overlap tapui's). It reads its config (JSON, with the command's stdio as
 passed fds) from the socket, unshares user + network + mount namespaces, maps the user's own
-uid/gid, brings up `lo` and a TUN device, bind-mounts files over system paths, sends the TUN fd
-back, waits for "go" and execs the command. Any failure is reported on the socket as JSON
-({"error": kind, "errno": n, "detail": text}) so the parent can explain it; on a successful
-exec the socket (close-on-exec) just closes.
+uid/gid, brings up `lo` and a TUN device, bind-mounts files over system paths, starts the
+sandbox's agent (`engine.sandbox_agent`), sends the TUN fd and the agent's socket back, waits
+for "go" and execs the command. Any failure is reported on the socket as JSON ({"error": kind,
+"errno": n, "detail": text}) so the parent can explain it; on a successful exec the socket
+(close-on-exec) just closes.
 
-Only the standard library and pyroute2 are imported here: this module runs before anything else.
+Only the standard library, pyroute2 and the agent are imported here: this module runs before
+anything else.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import signal
 import socket
 import struct
 import sys
+
+from engine import sandbox_agent
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -193,9 +197,14 @@ def run(sock: socket.socket) -> None:
     # A sock_diag netlink socket made inside the namespace lets tapui find which process owns
     # a connection without reading /proc/net/tcp (which walks the kernel's whole hash table).
     diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
-    socket.send_fds(sock, [b"tun"], [tun_fd, diag.fileno()])
+    agent, agent_pid = sandbox_agent.start()
+    socket.send_fds(
+        sock, [json.dumps({"agent_pid": agent_pid}).encode()],
+        [tun_fd, diag.fileno(), agent.fileno()],
+    )
     os.close(tun_fd)
     diag.close()
+    agent.close()
     if sock.recv(16) != b"go":
         os._exit(1)
     try:

@@ -422,7 +422,13 @@ def run_headless(options: CaptureOptions, bus: FlowBus, status: RunStatus, quiet
         raise
     import asyncio  # (loaded after the sandbox helper was started)
 
-    return asyncio.run(_headless(capture))
+    code = asyncio.run(_headless(capture))
+    if status.left_running and not quiet:
+        n = status.left_running
+        print(f"tapui: ending {n} {'process' if n == 1 else 'processes'} the command left "
+              "running in the sandbox (--keep-running keeps capturing while they run)",
+              file=sys.stderr)
+    return code
 
 
 async def _headless(capture: Capture) -> int:

@@ -383,6 +383,67 @@ def test_the_command_of_a_tapui_killed_by_sigkill_ends_too(tmp_path: Path) -> No
                 os.kill(command, signal.SIGKILL)
 
 
+def _background_pids(stdout: str) -> list[int]:
+    return [int(word) for word in stdout.split()]
+
+
+# A command that starts two processes in the background (one ignoring SIGTERM), prints
+# their pids and ends: they run on in the sandbox.
+LEAVES_TWO = ("sleep 120 & echo $!; (trap '' TERM; exec sleep 121) & echo $!")
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_processes_the_command_leaves_are_ended_with_tapui() -> None:
+    """Without --keep-running, what still runs when tapui ends would be cut off from the
+    network: tapui says so and ends it (SIGTERM, then SIGKILL)."""
+    result = run_tapui("--no-ui", "--no-save", "--", "sh", "-c", LEAVES_TWO)
+    pids = _background_pids(result.stdout)
+    try:
+        assert result.returncode == 0
+        assert len(pids) == 2
+        assert "ending 2 processes the command left running in the sandbox" in result.stderr
+        assert all(process_gone(pid, 10) for pid in pids)
+    finally:
+        for pid in filter(process_alive, pids):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_processes_of_a_tapui_killed_by_sigkill_end_too() -> None:
+    """Not only the command: the processes it started in the background, which no signal
+    from tapui can reach once tapui is gone, are ended by the sandbox's agent."""
+    script = LEAVES_TWO + "; echo ready; sleep 120"
+    with tapui_in_background("--no-ui", "-q", "--no-save", "--", "sh", "-c", script) as proc:
+        assert proc.stdout is not None
+        pids = [int(proc.stdout.readline()), int(proc.stdout.readline())]
+        assert proc.stdout.readline().strip() == "ready"
+        command = command_pid(proc.pid)
+        try:
+            proc.kill()
+            proc.wait(30)
+            assert all(process_gone(pid, 10) for pid in [command, *pids])
+        finally:
+            for pid in filter(process_alive, [command, *pids]):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_the_sandbox_agent_holds_none_of_the_commands_files() -> None:
+    """The agent (which ends what is left when tapui goes) holds nothing of the command's: an
+    open pty would keep the UI from seeing the command's output end. Nor any capability."""
+    script = "pgrep -x --ns $$ --nslist net tapui-agent; echo ready; sleep 60"
+    with tapui_in_background("--no-ui", "-q", "--no-save", "--", "sh", "-c", script) as proc:
+        assert proc.stdout is not None
+        agent = int(proc.stdout.readline())
+        assert proc.stdout.readline().strip() == "ready"
+        fds = Path(f"/proc/{agent}/fd")
+        links = sorted(os.readlink(fd) for fd in fds.iterdir())
+        status = Path(f"/proc/{agent}/status").read_text()
+    assert links[:3] == ["/dev/null"] * 3
+    assert len(links) == 4 and links[3].startswith("socket:"), links  # its link to tapui
+    assert "CapEff:\t0000000000000000" in status and "CapPrm:\t0000000000000000" in status
+
+
 @pytest.mark.usefixtures("sandbox")
 def test_temporary_files_of_a_killed_tapui_are_removed_by_the_next_run(tmp_path: Path) -> None:
     with _killed_tapui(tmp_path) as pid:
