@@ -73,3 +73,14 @@ def parse_add_host(spec: str) -> tuple[str, str]:
     except ValueError:
         raise ValueError(f"--add-host {spec!r}: {ip!r} is not an IP address") from None
     return name, ip
+
+
+def parse_publish(spec: str) -> tuple[int, int]:
+    """`PORT` or `HOST_PORT:SANDBOX_PORT` -> (host port, sandbox port); ValueError if bad."""
+    parts = spec.split(":")
+    if len(parts) > 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"expected PORT or HOST_PORT:SANDBOX_PORT, got {spec!r}")
+    ports = [int(p) for p in parts]
+    if not all(1 <= p <= 65535 for p in ports):
+        raise ValueError(f"ports are 1 to 65535, got {spec!r}")
+    return (ports[0], ports[-1])

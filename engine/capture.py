@@ -15,6 +15,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from engine.netstack import Netstack
 from engine.procinfo import ProcessFinder
 from engine.proxy import Proxy, ProxyOptions
 from engine.proxy_env import sandbox_proxy_env
+from engine.publish import AgentLink, Publisher, listen
 from engine.runstatus import CommandState, RunStatus
 from engine.sandbox import (
     DEFAULT_TUN,
@@ -82,6 +84,8 @@ class CaptureOptions:
     argv: list[str]
     tun_path: str = field(default_factory=lambda: os.environ.get(TUN_ENV, DEFAULT_TUN))
     add_hosts: list[tuple[str, str]] = field(default_factory=list)
+    #: (host port, sandbox port) pairs: servers in the sandbox reached from the host.
+    publish: list[tuple[int, int]] = field(default_factory=list)
     keep_running: bool = False
     intercept_tls: bool = True
     insecure: bool = False
@@ -109,6 +113,8 @@ class Capture:
         self.ca: ca.CertificateAuthority | None = None
         self.proxy: Proxy | None = None
         self.netstack: Netstack | None = None
+        self.listeners: list[tuple[socket.socket, int]] = []  # published ports, on the host
+        self.publisher: Publisher | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         #: Called with a ConnectionSummary for each closed connection (headless lines).
@@ -151,6 +157,7 @@ class Capture:
 
     def start(self) -> None:
         """Set up the CA and the sandbox; raises TapuiError with the user-facing message."""
+        self.listeners = listen(self.options.publish)  # (a port in use is said before all)
         if self.options.intercept_tls:
             tls.load_upstream_context_early(self.options.insecure, self.options.upstream_ca)
         env = dict(os.environ)
@@ -216,6 +223,9 @@ class Capture:
         )
         self.proxy.dns = self.netstack.dns
         self.netstack.start()
+        if self.listeners and sandbox.agent is not None:
+            self.publisher = Publisher(self.proxy, AgentLink(loop, sandbox.agent), self.listeners)
+            self.listeners = []
         exited = loop.create_future()
         pidfd = os.pidfd_open(sandbox.pid)
         loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
@@ -289,6 +299,9 @@ class Capture:
             self._tty_fd = None
 
     def _teardown(self, processes: ProcessFinder) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
+        self._close_listeners()
         if self.proxy is not None:
             self.proxy.shutdown()
         if self.netstack is not None:
@@ -301,8 +314,14 @@ class Capture:
             self.sandbox.end_agent()  # it ends what the command left running
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _close_listeners(self) -> None:
+        for sock, _port in self.listeners:
+            sock.close()
+        self.listeners = []
+
     def cleanup(self) -> None:
         """Remove temporary files when run() never ran (start failed)."""
+        self._close_listeners()
         if self.tun_fd is not None:
             os.close(self.tun_fd)
             self.tun_fd = None

@@ -208,6 +208,9 @@ class Connection:
     pid: int | None = None
     command: str | None = None
     transport: str = "tcp"
+    #: Made from the host to a published port: the client is on the host, the server (the
+    #: command's) in the sandbox.
+    inbound: bool = False
     #: Connection-level phases (start, dns, connect, tls); the first flow on it copies them.
     timings: Timings = field(default_factory=Timings)
 

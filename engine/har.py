@@ -303,6 +303,7 @@ def har_entry(flow: Flow) -> dict[str, Any]:
         "tlsVersion": conn.tls_version,
         "pid": conn.pid,
         "command": conn.command,
+        "inbound": conn.inbound,
     }
     return entry
 
@@ -411,6 +412,7 @@ def _connection(entry: dict[str, Any], conns: dict[str, Connection], url_port: i
         tls_version=extra.get("tlsVersion"),
         pid=extra.get("pid"),
         command=extra.get("command"),
+        inbound=bool(extra.get("inbound")),
     )
     if key:
         conns[key] = conn

@@ -41,6 +41,7 @@ def flow_to_json(flow: Flow) -> dict[str, Any]:
         "alpn": conn.alpn,
         "pid": conn.pid,
         "command": conn.command,
+        "inbound": conn.inbound,
         "error": flow.error,
     }
 

@@ -51,6 +51,8 @@ def exchange_line(flow: Flow, colour: bool) -> str:
     parts.append((resp.http_version if resp is not None else req.http_version) or "")
     if flow.kind == FlowKind.WEBSOCKET:
         parts.append(f"websocket {len(flow.websocket_messages)} messages")
+    if flow.conn.inbound:
+        parts.append("(inbound, to a published port)")
     line = " ".join(p for p in parts if p)
     if flow.error:
         err = f" error: {flow.error}"
@@ -61,8 +63,11 @@ def exchange_line(flow: Flow, colour: bool) -> str:
 def connection_line(summary: ConnectionSummary, colour: bool) -> str:
     conn = summary.info
     host = conn.sni or conn.hostname or conn.server[0]
+    where = f"{host}:{conn.server[1]}"
+    if conn.inbound:  # (from a client on the host to the command's server)
+        where = f"{conn.client[0]}:{conn.client[1]} -> published port {conn.server[1]}"
     line = (
-        f"{clock(summary.start)} {conn.transport} {host}:{conn.server[1]} "
+        f"{clock(summary.start)} {conn.transport} {where} "
         f"sent {human_size(summary.sent)} received {human_size(summary.received)} "
         f"{human_duration(summary.end - summary.start)}"
     )

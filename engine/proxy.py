@@ -211,6 +211,7 @@ class UpstreamSide(asyncio.Protocol):
 class Relay:
     def __init__(self, proxy: Proxy, conn: TcpConnection) -> None:
         self.proxy = proxy
+        self.intercept_tls = proxy.options.intercept_tls
         self.app = conn
         self.upstream: UpstreamTransport | None = None
         self.observer: StreamObserver | None = None
@@ -423,7 +424,7 @@ class Relay:
         if kind == "need-more" and len(buf) < SNIFF_LIMIT:
             self._wait_for_more()
             return
-        if kind == "tls" and self.proxy.options.intercept_tls and self.proxy.ca is not None:
+        if kind == "tls" and self.intercept_tls and self.proxy.ca is not None:
             try:
                 hello = tls.parse_client_hello(buf)
             except tls.NotTLS:

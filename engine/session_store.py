@@ -447,7 +447,8 @@ def _flow(ident: int, kind: str, state: str, error: str | None, d: dict[str, Any
         upstream=tuple(c["upstream"]) if c.get("upstream") else None,  # type: ignore[arg-type]
         hostname=c.get("hostname"), sni=c.get("sni"), alpn=c.get("alpn"),
         tls_version=c.get("tls"), pid=c.get("pid"), command=c.get("command"),
-        transport=c.get("transport", "tcp"), timings=Timings(*c["t"]),
+        transport=c.get("transport", "tcp"), inbound=c.get("in", False),
+        timings=Timings(*c["t"]),
         certificate=Certificate(*cert[:4], sans=list(cert[4])) if cert else None,
     )
     flow = Flow(conn=conn, kind=FlowKind(kind), id=ident, state=FlowState(state),

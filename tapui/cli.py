@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine import tempdirs
-from engine.addresses import HOST_ALIAS, parse_add_host
+from engine.addresses import HOST_ALIAS, parse_add_host, parse_publish
 from engine.errors import EXIT_INTERNAL, EXIT_USAGE, TapuiError
 from engine.flow import EventKind, Flow, FlowBus, FlowEvent
 from engine.printer import LinePrinter
@@ -28,6 +28,7 @@ _EXAMPLES = [
     ("tapui --no-ui -- python3 app.py", "one line per exchange on stderr"),
     ("tapui --no-ui --har out.har -- ./build.sh", "also write a HAR file at exit"),
     ("tapui --add-host api.test:127.0.0.1 -- node app.js", "api.test dials the host's loopback"),
+    ("tapui -p 8000 -- python3 -m http.server", "localhost:8000 on the host reaches it"),
     ("tapui open out.har", "browse a saved HAR file"),
     ("tapui open session.tapui", "browse a saved session"),
     ("tapui sessions", "list the kept sessions"),
@@ -63,6 +64,13 @@ def add_host_arg(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def publish_arg(text: str) -> tuple[int, int]:
+    try:
+        return parse_publish(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapui",
@@ -94,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="make NAME resolve inside the sandbox and dial IP from the host, e.g. "
         "--add-host api.test:127.0.0.1 (repeatable)",
+    )
+    parser.add_argument(
+        "-p",
+        "--publish",
+        metavar="[HOST_PORT:]PORT",
+        type=publish_arg,
+        action="append",
+        default=[],
+        help="let the host reach a server the command runs on PORT in the sandbox: tapui "
+        "listens on the host's localhost at HOST_PORT (default: PORT) and shows those exchanges "
+        "too, e.g. -p 8000 or -p 9000:8000 (repeatable)",
     )
     parser.add_argument(
         "--keep-running",
@@ -283,6 +302,7 @@ def cmd_run(argv: list[str]) -> int:
             argv=command,
             tun_path=args.tun_device,
             add_hosts=args.add_host,
+            publish=args.publish,
             keep_running=args.keep_running,
             intercept_tls=not args.no_intercept,
             insecure=args.insecure,

@@ -264,11 +264,11 @@ def _send_all(sock: socket.socket, data: memoryview) -> None:
         pass
 
 
-def digest_server(pool: bytes, family: int = socket.AF_INET) -> _ThreadingServer:
+def digest_server(pool: bytes, family: int = socket.AF_INET, port: int = 0) -> _ThreadingServer:
     handler = type("Handler", (DigestHandler,), {"pool": pool})
     if family == socket.AF_INET6:
-        return _ThreadingServer6(("::1", 0), handler)
-    return _ThreadingServer(("127.0.0.1", 0), handler)
+        return _ThreadingServer6(("::1", port), handler)
+    return _ThreadingServer(("127.0.0.1", port), handler)
 
 
 def half_close_server(pool: bytes) -> _ThreadingServer:
@@ -325,10 +325,12 @@ class RecordingHTTPHandler(http.server.BaseHTTPRequestHandler):
     do_PUT = do_POST
 
 
-def http_server(pool: bytes = b"", family: int = socket.AF_INET) -> _ThreadingServer:
+def http_server(
+    pool: bytes = b"", family: int = socket.AF_INET, port: int = 0
+) -> _ThreadingServer:
     handler = type("Handler", (RecordingHTTPHandler,), {"pool": pool})
     cls = _ThreadingServer6 if family == socket.AF_INET6 else _ThreadingServer
-    server = cls(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0), handler)
+    server = cls(("::1" if family == socket.AF_INET6 else "127.0.0.1", port), handler)
     server.requests = []  # type: ignore[attr-defined]
     return server
 

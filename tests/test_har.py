@@ -171,6 +171,7 @@ def test_har_validates_against_schema(tmp_path: Path) -> None:
 
 def test_round_trip(tmp_path: Path) -> None:
     flows = make_flows()[:-1]
+    flows[0].conn.inbound = True  # (to a published port)
     path = tmp_path / "rt.har"
     write_har(path, flows)
     loaded = list(load_har(path))
@@ -186,6 +187,7 @@ def test_round_trip(tmp_path: Path) -> None:
         assert back.error == orig.error and back.state is orig.state
         assert back.conn.server == orig.conn.server
         assert back.conn.pid == orig.conn.pid and back.conn.sni == orig.conn.sni
+        assert back.conn.inbound == orig.conn.inbound
         assert back.timings.start == pytest.approx(orig.timings.start, abs=0.001)
         if orig.timings.done:
             assert back.timings.done == pytest.approx(orig.timings.done, abs=0.001)

@@ -26,9 +26,10 @@ def render_connection(flow: Flow) -> Table:
         table.add_row(name, Text("–" if value in (None, "") else str(value)))
 
     row("flow", f"#{flow.id} ({flow.kind.value}, {flow.state.value})")
-    row("connection", f"#{conn.id} over {conn.transport}")
-    row("client", _addr(conn.client))
-    row("server", _addr(conn.server))
+    inbound = " (inbound, to a published port)" if conn.inbound else ""
+    row("connection", f"#{conn.id} over {conn.transport}{inbound}")
+    row("client", _addr(conn.client) + (" (on the host)" if conn.inbound else ""))
+    row("server", _addr(conn.server) + (" (in the sandbox)" if conn.inbound else ""))
     row("upstream", _addr(conn.upstream))
     row("hostname", conn.hostname)
     row("process", f"{conn.pid} {conn.command or ''}".strip() if conn.pid else conn.command)

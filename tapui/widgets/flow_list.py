@@ -154,6 +154,8 @@ def cells(flow: Flow) -> dict[str, str]:
         if flow.error and not (flow.bytes_sent or flow.bytes_received):
             path = f"✗ {flow.error}"  # e.g. a refused connection: why is what matters
         version = ""
+    if conn.inbound:  # from the host, to the command's server (a published port)
+        host = f"← {host}"
     if flow.kind is FlowKind.WEBSOCKET:
         path = f"{path}  ⇄ {len(flow.websocket_messages)} msgs"
     if response is not None:
