@@ -231,6 +231,9 @@ def har_entry(flow: Flow) -> dict[str, Any]:
         max(0.0, timings[k]) for k in ("blocked", "dns", "connect", "send", "wait", "receive")
     )
     url = req.url
+    if flow.kind is FlowKind.WEBSOCKET:  # as browsers export them: ws:// and wss://
+        scheme, rest = url.split(":", 1)
+        url = {"http": "ws", "https": "wss"}.get(scheme, scheme) + ":" + rest
     request: dict[str, Any] = {
         "method": req.method,
         "url": url,

@@ -165,6 +165,7 @@ def test_har_validates_against_schema(tmp_path: Path) -> None:
         "data": "héllo",
     }
     assert ws["_webSocketMessages"][1]["type"] == "receive"
+    assert ws["request"]["url"] == "ws://chat.example.test/ws"  # as browsers export WebSockets
     assert failed["_error"] == "stream reset: CANCEL" and failed["response"]["status"] == 0
     assert "_error" not in get
 

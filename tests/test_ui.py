@@ -194,6 +194,14 @@ def test_refused_connection_row_says_why() -> None:
     assert cells(flow)["path"].startswith("↑10b")
 
 
+def test_an_inbound_exchange_is_marked_in_its_row() -> None:
+    """From the host to a published port: the arrow says it came in to the command."""
+    flow = raw_flow(51)
+    assert not cells(flow)["host"].startswith("← ")
+    flow.conn.inbound = True
+    assert cells(flow)["host"].startswith("← ")
+
+
 @asynctest
 async def test_toggle_raw_flows() -> None:
     app = TapuiApp(flows=sample_flows())
