@@ -88,8 +88,9 @@ class AgentLink:
             return
         try:
             self.sock.send(json.dumps({"connect": [host, port]}).encode())
-        except OSError as exc:
-            answer(None, exc.errno or errno.EIO)
+        except OSError:  # (EPIPE: the agent is gone)
+            self.close()
+            answer(None, errno.ECONNABORTED)
             return
         self._waiting.append(answer)
 
@@ -251,6 +252,8 @@ class InboundRelay(Relay):
             return
         if err == errno.ECONNREFUSED:
             why = f"nothing listens on port {port} in the sandbox (127.0.0.1 and ::1 refused)"
+        elif err == errno.ECONNABORTED:
+            why = f"port {port} in the sandbox: the sandbox's agent is gone (was it killed?)"
         else:
             why = f"port {port} in the sandbox: {os.strerror(err)}"
         self._record_failure(why)

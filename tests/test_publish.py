@@ -157,3 +157,21 @@ def test_tls_to_a_published_port_is_relayed_untouched(tmp_path: Path) -> None:
         assert (result.returncode, result.stdout) == (0, "hello from the host\n"), result.stderr
         flows = pub.flows(1)
     assert [(f["kind"], f["inbound"], f["error"]) for f in flows] == [("tcp", True, None)]
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_with_the_agent_killed_a_published_port_resets_and_says_why(tmp_path: Path) -> None:
+    host_port = free_port()
+    jsonl = tmp_path / "flows.jsonl"
+    script = "pkill -KILL -x --ns $$ --nslist net tapui-agent; echo ready; sleep 60"
+    with tapui_in_background("--no-ui", "-q", "--no-save", "--jsonl", str(jsonl),
+                             "-p", str(host_port), "--", "sh", "-c", script) as proc:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        with socket.create_connection(("127.0.0.1", host_port)) as sock, \
+                pytest.raises(ConnectionResetError):
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.recv(1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    [flow] = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert flow["error"] == f"port {host_port} in the sandbox: the sandbox's agent is gone (was it killed?)"
