@@ -5,6 +5,7 @@
     ~b/~bq/~bs REGEX  decoded bodies   ~t/~tq/~ts REGEX  content type
     ~s  has a response         ~q  request without response   ~e  error
     ~websocket ~tcp ~udp ~dns ~http   flow kind       ~pid N   process id
+    ~inbound   from the host to a published port (--publish)
     ~all       every flow
     !x  not      x & y  and      x | y  or      (x)  grouping     x y  implicit and
     text       plain text: case-insensitive regex over URL, headers and decoded bodies
@@ -278,6 +279,7 @@ _NO_ARG: dict[str, Filter] = {
     "udp": _kind(FlowKind.UDP),
     "dns": _kind(FlowKind.DNS),
     "http": _kind(FlowKind.HTTP, FlowKind.WEBSOCKET),
+    "inbound": lambda flow: flow.conn.inbound,
     "all": lambda flow: True,
 }
 

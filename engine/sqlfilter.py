@@ -5,7 +5,7 @@ predicate:
 
 - ~d ~m ~t/~tq/~ts run their regex over the distinct interned values in `names` (a few
   thousand at most), then match by id through indexes; ~c ~pid ~s ~q ~e and the kinds are
-  plain column tests.
+  plain column tests; ~inbound reads the connection's details.
 - ~u, ~h, ~b and plain text use the FTS5 trigram index when the pattern has a literal of three
   or more characters (the whole pattern, or the longest literal run a regex requires). The index
   only narrows the candidates; a registered function then checks each candidate exactly as
@@ -234,6 +234,9 @@ class _Compiler:
             return "(f.error IS NOT NULL)"
         if name in _KINDS:
             return "(f.kind IN (" + ", ".join(f"'{k}'" for k in _KINDS[name]) + "))"
+        if name == "inbound":  # (kept with the connection's details: rare, and no column)
+            return ("(EXISTS (SELECT 1 FROM details d WHERE d.id = f.id "
+                    "AND json_extract(d.data, '$.c.in')))")
         if name == "c":
             return f"(f.status IS {self.param(int(arg))})"  # type: ignore[arg-type]
         if name == "pid":

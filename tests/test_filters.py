@@ -129,6 +129,13 @@ def test_undecodable_body_is_searched_raw() -> None:
     assert parse("~bs 'hidden needle'")(ok)
 
 
+def test_inbound_matches_exchanges_to_a_published_port() -> None:
+    flows = sample_flows()
+    flows[1].conn.inbound = True
+    match = parse("~inbound")
+    assert [f.id for f in flows if match(f)] == [f.id for f in flows if f.conn is flows[1].conn]
+
+
 def test_raw_flows_and_kinds() -> None:
     dns = raw_flow(1, FlowKind.DNS, port=53)
     udp = raw_flow(2, FlowKind.UDP, port=443)

@@ -40,7 +40,8 @@ def make_flow(rnd: random.Random) -> Flow:
                       server=(rnd.choice(["1.2.3.4", "::1"]), rnd.choice([80, 443])),
                       sni=rnd.choice([None, "api.example.test", "SNI.test"]),
                       hostname=rnd.choice([None, "hello.test", "dns.test"]),
-                      pid=rnd.choice([None, 7, 42]), command=rnd.choice([None, "curl -s x"]))
+                      pid=rnd.choice([None, 7, 42]), command=rnd.choice([None, "curl -s x"]),
+                      inbound=rnd.random() < 0.2)
     kind = rnd.choice([FlowKind.HTTP] * 6 + [FlowKind.WEBSOCKET, FlowKind.TCP, FlowKind.DNS])
     flow = Flow(conn=conn, kind=kind)
     flow.state = FlowState.DONE
@@ -129,7 +130,8 @@ ATOMS = st.one_of(
     st.builds(lambda op, a: f"~{op} {quote(a)}", st.sampled_from(REGEX_OPS), ARGS),
     st.builds(lambda c: f"~c {c}", st.sampled_from([200, 404, 101, 999])),
     st.builds(lambda p: f"~pid {p}", st.sampled_from([7, 42, 1])),
-    st.sampled_from(["~s", "~q", "~e", "~websocket", "~tcp", "~udp", "~dns", "~http", "~all"]),
+    st.sampled_from(["~s", "~q", "~e", "~websocket", "~tcp", "~udp", "~dns", "~http", "~all",
+                     "~inbound"]),
     ARGS.map(quote),
 )
 EXPRS = st.recursive(ATOMS, lambda inner: st.one_of(
@@ -163,7 +165,7 @@ def test_sql_and_python_agree_on_generated_corpora(tmp_path_factory: pytest.Temp
 @pytest.mark.parametrize("expr", [
     "needle", "~d example", "~u v1/items", "~b hello", "!~c 200", "~h x-trace & ~s",
     "~d '^api\\.' | ~m post", "~t json", "~bs 'needle.*true'", "hello w", "(~q | ~e) !~tcp",
-    "~websocket ~b world", "~d ::1", "é", "ſ", "~u ſkk", "~hq 'Python Ü'",
+    "~websocket ~b world", "~d ::1", "é", "ſ", "~u ſkk", "~hq 'Python Ü'", "~inbound ~s",
 ])
 def test_examples_agree(corpus: Corpus, expr: str) -> None:
     assert corpus.sql(expr) == corpus.python(expr)
