@@ -197,7 +197,11 @@ def run(sock: socket.socket) -> None:
     # A sock_diag netlink socket made inside the namespace lets tapui find which process owns
     # a connection without reading /proc/net/tcp (which walks the kernel's whole hash table).
     diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
-    agent, agent_pid = sandbox_agent.start()
+    try:
+        agent, agent_pid = sandbox_agent.start()
+    except OSError as exc:  # (fork refused: the user's process limit, say)
+        report(sock, "agent", exc.errno or 0, f"starting the sandbox's agent: {exc.strerror}")
+        os._exit(1)
     socket.send_fds(
         sock, [json.dumps({"agent_pid": agent_pid}).encode()],
         [tun_fd, diag.fileno(), agent.fileno()],
