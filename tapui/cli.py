@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-running",
         action="store_true",
-        help="keep capturing after COMMAND exits while processes it started still run",
+        help="keep capturing after COMMAND exits while processes it started still run "
+        "(without it, those are ended when tapui ends)",
     )
     parser.add_argument(
         "--insecure",
