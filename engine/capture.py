@@ -272,7 +272,9 @@ class Capture:
 
     def _relaying(self) -> bool:
         """Packets wait in the TUN device, the app's side of a connection has not ended
-        (its FIN not yet received), or bytes wait for the upstream."""
+        (its FIN not yet received), bytes wait for the upstream, or a server may still send
+        the rest of an answer (an app that stops reading at Content-Length leaves an HTTP/2
+        server's trailers on their way)."""
         tun, netstack, proxy = self.tun_fd, self.netstack, self.proxy
         if tun is not None and select.select([tun], [], [], 0)[0]:
             return True
@@ -282,7 +284,8 @@ class Capture:
         ):
             return True
         return proxy is not None and any(
-            relay.upstream is not None and relay.upstream.get_write_buffer_size()
+            (relay.upstream is not None and relay.upstream.get_write_buffer_size())
+            or relay.awaits_server
             for relay in proxy.relays
         )
 

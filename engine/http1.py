@@ -459,6 +459,9 @@ class Http1Observer:
 
     # -- errors -------------------------------------------------------------------------------
 
+    def answers_pending(self) -> bool:
+        return any(not ex.flow.finished for ex in self._queue)
+
     def _open_flows(self) -> list[Flow]:
         flows = [ex.flow for ex in self._queue]
         if self._parsing is not None and self._parsing not in self._queue:

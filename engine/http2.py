@@ -321,6 +321,9 @@ class Http2Observer:
             stream.last_update = now
             self.bus.update(flow)
 
+    def answers_pending(self) -> bool:
+        return any(not stream.flow.finished for stream in self._streams.values())
+
     def _finish_open(self, error: str | None, server_closed: bool = False) -> None:
         for stream in self._streams.values():
             if not stream.flow.finished:

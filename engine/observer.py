@@ -45,11 +45,17 @@ class StreamObserver(Protocol):
     def close(self, error: str | None = None) -> None:
         """The connection ended; `error` says why when it did not end cleanly."""
 
+    def answers_pending(self) -> bool:
+        """Some exchange still waits for (the rest of) the server's answer."""
+
 
 class RawObserver:
     """One TCP (or UDP) flow per connection that counts the bytes each way."""
 
     tunnel = False
+
+    def answers_pending(self) -> bool:
+        return False  # (no exchanges: a raw stream ends when either side ends it)
 
     def __init__(
         self, conn: Connection, bus: FlowBus, timings: Timings | None = None, interval: float = 0.5

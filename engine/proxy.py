@@ -634,6 +634,8 @@ class Relay:
             plain = app_tls.read()
             if plain:
                 self._to_upstream(plain)
+            if app_tls.failed is not None:  # (after records it sent before its alert)
+                raise app_tls.failed
         except ssl.SSLError as exc:
             self._flush_tls()
             why = f"the app rejected tapui's TLS: {_ssl_reason(exc)}"
@@ -691,23 +693,29 @@ class Relay:
         try:
             plain = up.read()
         except ssl.SSLError as exc:
-            # An app that closed its socket without close_notify (node and Python do) gets an
-            # alert from an OpenSSL server (decode_error) that its kernel drops: not an error
-            # of the connection, though a flow still open fails with it.
-            app_left = (self.app_eof_seen and self.tls_app is not None
-                        and not self._app_said_close_notify)
-            self._close_observer(f"TLS error from the server: {_ssl_reason(exc)}",
-                                 of_connection=not app_left)
-            self.app.abort()
-            if self.upstream is not None:
-                self.upstream.abort()
+            self._upstream_tls_error(exc)
             return
         self._upstream_send(up.output())  # e.g. the answer to a key update
         if plain:
             self._remember_tls_session()  # TLS 1.3 tickets come before the first data
             self.from_upstream_plaintext(plain)
+        if up.failed is not None:  # (after records it sent before its alert)
+            self._upstream_tls_error(up.failed)
+            return
         if up.closed:
             self.upstream_eof()  # close_notify: the server has said all it will say
+
+    def _upstream_tls_error(self, exc: ssl.SSLError) -> None:
+        # An app that closed its socket without close_notify (node and Python do) gets an
+        # alert from an OpenSSL server (decode_error) that its kernel drops: not an error
+        # of the connection, though a flow still open fails with it.
+        app_left = (self.app_eof_seen and self.tls_app is not None
+                    and not self._app_said_close_notify)
+        self._close_observer(f"TLS error from the server: {_ssl_reason(exc)}",
+                             of_connection=not app_left)
+        self.app.abort()
+        if self.upstream is not None:
+            self.upstream.abort()
 
     def from_upstream_plaintext(self, parts: list[bytes]) -> None:
         """The server's plaintext, to the app and then to the decoder: as it came in plain mode,
@@ -832,6 +840,14 @@ class Relay:
         if self.upstream is not None:
             self.upstream.abort()
         self._summarise()
+
+    @property
+    def awaits_server(self) -> bool:
+        """The server may still send what completes an exchange (its connection is open)."""
+        up, observer = self.upstream, self.observer
+        return (self.mode != "closed" and up is not None and not up.is_closing()
+                and not self.upstream_eof_seen and observer is not None
+                and observer.answers_pending())
 
     @property
     def _server_closed_bare(self) -> bool:

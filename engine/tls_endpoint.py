@@ -16,7 +16,7 @@ READ_SIZE = 256 * 1024
 
 
 class TlsEndpoint:
-    __slots__ = ("ssl_object", "_incoming", "_outgoing", "handshake_done", "closed")
+    __slots__ = ("ssl_object", "_incoming", "_outgoing", "handshake_done", "closed", "failed")
 
     def __init__(
         self,
@@ -33,6 +33,8 @@ class TlsEndpoint:
         )
         self.handshake_done = False
         self.closed = False  # the peer sent close_notify
+        #: An error met after records that `read` returned: raised by the next `read`.
+        self.failed: ssl.SSLError | None = None
 
     def feed(self, data: bytes) -> None:
         """Bytes that came from the peer."""
@@ -57,8 +59,12 @@ class TlsEndpoint:
         none); sets `closed` at close_notify. The pieces are not joined: whoever takes them
         writes them on one by one, and joining would copy every byte once more.
 
-        Raises ssl.SSLError for a bad record.
+        Raises ssl.SSLError for a bad record (or an alert). When records came before it, they
+        are returned first and the error is kept in `failed` (the next call raises it): what
+        the peer sent before its alert, say an HTTP/2 server's trailers, is still passed on.
         """
+        if self.failed is not None:
+            raise self.failed
         chunks: list[bytes] = []
         read = self.ssl_object.read
         try:
@@ -72,6 +78,10 @@ class TlsEndpoint:
             pass
         except ssl.SSLZeroReturnError:
             self.closed = True
+        except ssl.SSLError as exc:
+            if not chunks:
+                raise
+            self.failed = exc
         return chunks
 
     def write(self, data: bytes | memoryview) -> None:

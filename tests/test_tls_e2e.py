@@ -101,6 +101,22 @@ def test_grpc_style_trailers_over_h2(ca_file: str, h2server: tls_servers.H2Serve
     assert {"name": "grpc-status", "value": "0"} in entry["response"]["_trailers"]
 
 
+def test_trailers_that_come_after_the_app_is_gone_are_still_recorded(
+    ca_file: str, h2server: tls_servers.H2Server, tmp_path: Path
+) -> None:
+    """curl stops reading at Content-Length and exits; the server's trailers come 0.1 s later.
+    tapui waits for them (up to its drain time) instead of ending the exchange unfinished."""
+    har = tmp_path / "s.har"
+    result = tapui_https(
+        ca_file, "curl", "-sS", "--http2", "-o", "/dev/null",
+        f"https://{HOST}:{h2server.port}/late-trailers", har=har,
+    )
+    assert result.returncode == 0, result.stderr
+    [entry] = entries(har)
+    assert "_error" not in entry, entry["_error"]
+    assert {"name": "grpc-status", "value": "0"} in entry["response"]["_trailers"]
+
+
 def test_python_urllib_and_http_client(ca_file: str, https: servers._ThreadingServer) -> None:
     port = https.server_address[1]
     code = (

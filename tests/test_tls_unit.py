@@ -243,3 +243,33 @@ def test_trust_bundle_and_java_truststore(tmp_path: Path, ca: CertificateAuthori
     loaded = pkcs12.load_pkcs12(store.read_bytes(), None)
     certs = [c.certificate for c in loaded.additional_certs]
     assert ca.certificate in certs and len(certs) > 1
+
+
+def test_records_before_an_error_are_read_and_the_error_comes_next(
+    ca: CertificateAuthority,
+) -> None:
+    """A server's last records (HTTP/2 trailers, say) followed by an alert or a bad record in
+    the same read: the records are passed on, then the error is raised."""
+    from engine.tls_endpoint import TlsEndpoint
+
+    client = TlsEndpoint(ssl.create_default_context(cafile=str(ca.cert_path)), server_side=False,
+                         server_hostname="example.test")
+    server = TlsEndpoint(ca.server_context("example.test", "192.0.2.1", []), server_side=True)
+    for _ in range(5):
+        client_done = client.handshake()
+        server.feed(client.output())
+        server_done = server.handshake()
+        client.feed(server.output())
+        if client_done and server_done:
+            break
+    assert client.handshake_done and server.handshake_done
+    server.write(b"trailers")
+    record = server.output()
+    server.write(b"more")
+    broken = bytearray(server.output())
+    broken[-1] ^= 0xFF  # its authentication tag no longer matches
+    client.feed(record + bytes(broken))
+    assert b"".join(client.read()) == b"trailers"
+    assert isinstance(client.failed, ssl.SSLError)
+    with pytest.raises(ssl.SSLError):
+        client.read()

@@ -8,6 +8,7 @@ import hashlib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -95,7 +96,8 @@ def https_server(ca: trustme.CA, pool: bytes) -> _TLSServer:
 
 class H2Server(threading.Thread):
     """A small HTTP/2 server (ALPN h2): GET /hello, GET /bytes/N, POST echoes the body's digest,
-    GET /trailers answers with trailers (as gRPC does)."""
+    GET /trailers answers with trailers (as gRPC does), GET /late-trailers sends them 0.1 s
+    after the body."""
 
     def __init__(self, ca: trustme.CA, pool: bytes) -> None:
         super().__init__(daemon=True)
@@ -163,7 +165,7 @@ class H2Server(threading.Thread):
             body = hashlib.sha256(request["body"]).hexdigest().encode()
         elif path.startswith("/bytes/"):
             body = self.pool[: int(path.rsplit("/", 1)[1])]
-        elif path == "/trailers":
+        elif path in ("/trailers", "/late-trailers"):
             body = b"\x00\x00\x00\x00\x02hi"
             trailers = [("grpc-status", "0"), ("grpc-message", "ok")]
         else:
@@ -184,6 +186,8 @@ class H2Server(threading.Thread):
             view = view[window:]
             sock.sendall(conn.data_to_send())
         if trailers is not None:
+            if path == "/late-trailers":
+                time.sleep(0.1)  # a client that stops at Content-Length has gone by then
             conn.send_headers(stream, trailers, end_stream=True)
         else:
             conn.end_stream(stream)
