@@ -37,15 +37,17 @@ def listen(publish: list[tuple[int, int]]) -> list[tuple[socket.socket, int]]:
     try:
         for host_port, sandbox_port in publish:
             for address, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock = None
                 try:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     if family == socket.AF_INET6:
                         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                     sock.bind((address, host_port))
                     sock.listen(128)
                 except OSError as exc:
-                    sock.close()
+                    if sock is not None:
+                        sock.close()
                     if family == socket.AF_INET6 and exc.errno in (
                         errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT
                     ):
