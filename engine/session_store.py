@@ -189,7 +189,10 @@ class SessionStore:
             else:
                 self._resort_due = True
             return
-        # Time order: rows before _tail_from are final; fetch the rest again.
+        # Time order: rows before _tail_from are final; fetch the rest again. The next tail is
+        # read before the rows: read after, it could pass rows the writer committed in
+        # between, and those would never be fetched (the list stayed empty under "0/3 flows").
+        tail = self._next_tail()
         view = self._view
         if not isinstance(view, array):
             view = array("q", view)
@@ -199,14 +202,15 @@ class SessionStore:
             f"SELECT f.id FROM flows f WHERE f.id >= ? AND {where} ORDER BY f.id",
             (self._tail_from, *params)))
         self._view = view
-        self._set_tail()
+        self._tail_from = tail
 
-    def _set_tail(self) -> None:
+    def _next_tail(self) -> int:
+        """The first row that may still change: the first unfinished one, else the next."""
         first_open = self._query(
             "SELECT min(id) FROM flows WHERE state IN ('open', 'request', 'response') "
             "AND id > ?", (self._floor,))[0][0]
         last = self._query("SELECT max(id) FROM flows")[0][0] or 0
-        self._tail_from = first_open if first_open is not None else last + 1
+        return first_open if first_open is not None else last + 1
 
     def _update_totals(self, force: bool = False) -> None:
         """Flow count now; the byte total (a scan of every row) in the background."""
@@ -253,7 +257,7 @@ class SessionStore:
     def _rebuild(self) -> None:
         self._built_at = time.monotonic()
         self._resort_due = False
-        self._set_tail()
+        self._tail_from = self._next_tail()
         if self._filter is None and not self.hide_raw and self.sort_key == "time":
             # Two queries: SQLite answers min() and max() from the key only when alone.
             low = self._query("SELECT min(id) FROM flows WHERE id > ?", (self._floor,))[0][0]

@@ -129,3 +129,33 @@ def test_live_session_follows_the_writer(tmp_path: Path) -> None:
     writer.close()
     store.detach(bus)
     store.close()
+
+
+def test_rows_committed_while_the_view_is_read_are_listed_next_time(tmp_path: Path) -> None:
+    """The writer may commit between the store's reading of new rows and of where the rows
+    still to watch begin: those rows must still come into the view on the next drain (they
+    never did, and the UI's list stayed empty under "0/3 flows")."""
+    rnd = random.Random(7)
+    writer = SessionWriter(tmp_path / "race.tapui", ["x"])
+    store = SessionStore(writer.path)
+    writer.add([make_flow(rnd)])
+    writer.flush()
+    committed_during_read = False
+    query = store._query
+
+    def query_then_commit(sql: str, params=()):  # type: ignore[no-untyped-def]
+        nonlocal committed_during_read
+        rows = query(sql, params)
+        if sql.startswith("SELECT f.id FROM flows f WHERE f.id >= ?") and not committed_during_read:
+            committed_during_read = True
+            writer.add([make_flow(rnd), make_flow(rnd)])
+            writer.flush()  # committed
+        return rows
+
+    store._query = query_then_commit  # type: ignore[method-assign]
+    assert store.drain()
+    assert committed_during_read
+    store.drain()
+    assert len(store) == 3 and store.view_len == 3
+    writer.close()
+    store.close()
