@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -330,20 +331,33 @@ def _run(args: argparse.Namespace, command: list[str], options: CaptureOptions) 
     recorder = Recorder(bus) if args.har else None
     jsonl_out = open_jsonl(args.jsonl, bus) if args.jsonl else None
     status = RunStatus(command=command)
+    finishing = threading.Lock()
+    finished = threading.Event()
+
+    def finish_outputs() -> None:
+        """Close the JSON lines, write the HAR, finish the session: once, whoever comes first
+        (the run's end, or the UI's watchdog when its shutdown stalls); a second caller waits
+        for the first."""
+        with finishing:
+            if finished.is_set():
+                return
+            finished.set()
+            if jsonl_out is not None and jsonl_out is not sys.stdout:
+                jsonl_out.close()
+            if recorder is not None:
+                recorder.write(args.har)
+            if writer is not None:
+                writer.close()
+
     try:
         if args.no_ui:
             if writer is not None:
                 writer.on_failure = _warn_once_when_saving_stops(writer)
             code = run_headless(options, bus, status, quiet=args.quiet)
         else:
-            code = run_with_ui(options, bus, status, writer)
+            code = run_with_ui(options, bus, status, writer, finish_outputs)
     finally:
-        if jsonl_out is not None and jsonl_out is not sys.stdout:
-            jsonl_out.close()
-        if recorder is not None:
-            recorder.write(args.har)
-        if writer is not None:
-            writer.close()
+        finish_outputs()
     return code
 
 
@@ -461,8 +475,13 @@ async def _headless(capture: Capture) -> int:
     return await capture.run()
 
 
+#: Seconds the UI has to close after a stop signal before tapui finishes without it.
+UI_STOP_GRACE = 5.0
+
+
 def run_with_ui(
-    options: CaptureOptions, bus: FlowBus, status: RunStatus, writer: SessionWriter | None = None
+    options: CaptureOptions, bus: FlowBus, status: RunStatus, writer: SessionWriter | None = None,
+    finish_outputs: Callable[[], None] | None = None,
 ) -> int:
     import asyncio
     import pty
@@ -507,6 +526,22 @@ def run_with_ui(
     app = TapuiApp(bus=bus, status=status, title="tapui " + " ".join(options.argv), store=store,
                    session=writer)
 
+    ui_done = threading.Event()
+
+    def finish_without_the_ui(signum: int) -> None:
+        """The UI did not close within UI_STOP_GRACE of a stop signal. Seen after SIGHUP: the
+        main thread blocked in Textual's shutdown, on its output thread's full queue. Finish
+        what the run owes (the command's end, the HAR, the session) and exit."""
+        if ui_done.wait(UI_STOP_GRACE):
+            return
+        if thread.is_alive():
+            capture.signal_command(signal.SIGKILL)
+            thread.join(3)
+        if finish_outputs is not None:
+            finish_outputs()
+        _restore_terminal(terminal)
+        os._exit(128 + signum)
+
     def stop(signum: int, _frame: object) -> None:
         """SIGTERM, SIGQUIT, or SIGHUP (the terminal went away): the command gets it, as it would
         without the UI, and the UI closes; the session and the HAR are finished as on `q`.
@@ -517,11 +552,15 @@ def run_with_ui(
             asyncio.get_running_loop().call_soon_threadsafe(app.exit)
         except RuntimeError:  # the UI is not running
             pass
+        threading.Thread(target=finish_without_the_ui, args=(signum,), daemon=True,
+                         name="tapui-stop-watchdog").start()
 
+    terminal = _terminal_mode()
     previous = {signum: signal.signal(signum, stop) for signum in UI_STOP_SIGNALS}
     try:
         app.run()
     finally:
+        ui_done.set()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if thread.is_alive():
@@ -539,6 +578,31 @@ def run_with_ui(
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
     return int(result.get("code", 0))  # type: ignore[arg-type]
+
+
+def _terminal_mode() -> list | None:  # type: ignore[type-arg]
+    import termios
+
+    try:
+        return termios.tcgetattr(sys.stdin.fileno()) if sys.stdin.isatty() else None
+    except (OSError, ValueError, termios.error):
+        return None
+
+
+def _restore_terminal(mode: list | None) -> None:  # type: ignore[type-arg]
+    """Best effort, for a UI that could not close itself: the terminal's mode as it was, the
+    main screen and the cursor back (only if the terminal takes the bytes at once)."""
+    import select
+    import termios
+
+    if mode is None:
+        return
+    try:
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, mode)
+        if select.select([], [sys.stdout.fileno()], [], 0)[1]:
+            os.write(sys.stdout.fileno(), b"\x1b[?1000l\x1b[?1006l\x1b[?1049l\x1b[?25h")
+    except (OSError, ValueError, termios.error):
+        pass
 
 
 if __name__ == "__main__":

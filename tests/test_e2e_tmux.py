@@ -296,6 +296,34 @@ def test_a_stopped_ui_ends_the_commands_job_and_writes_the_har(
     assert _har_urls(har) == [url]
 
 
+def test_a_ui_that_cannot_close_still_ends_and_writes_the_har(
+    tmux: Callable[..., Tmux], http_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen after SIGHUP: Textual's shutdown blocked for good on its output thread, and tapui
+    never ended. Here that stop is made to block (a sitecustomize on PYTHONPATH): tapui must
+    still end, with the command's job, and write the HAR."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\nfrom textual.drivers import _writer_thread\n"
+        "_writer_thread.WriterThread.stop = lambda self: time.sleep(3600)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    url = f"http://{HOST}:{http_port}/hello"
+    with _ui_command(tmux, url, tmp_path, "sleep 300 & echo $! > {pidfile}; wait") as (
+        _term, har, sleeper
+    ):
+        tapui = _tapui_pid(str(har))
+        os.kill(tapui, signal.SIGTERM)
+        try:
+            assert process_gone(tapui, 20)
+        finally:
+            if process_alive(tapui):  # (stuck: end it, as no test may leave one behind)
+                os.kill(tapui, signal.SIGKILL)
+        assert process_gone(sleeper, 5)
+    assert _har_urls(har) == [url]
+
+
 def test_sigquit_under_the_ui_reaches_the_command_and_ends_tapui(
     tmux: Callable[..., Tmux], http_port: int, tmp_path: Path
 ) -> None:
