@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 
+from engine import sandbox_agent
 from engine.flow import Connection
 
 SOCK_DIAG_BY_FAMILY = 20
@@ -126,25 +127,14 @@ class ProcessFinder:
             self._tree = descendants(self.sandbox_pid)
             pid = self._find(target, self._tree)
         if pid is None:
-            pid = self._find(target, [p for p in self._namespace_members() if p not in self._tree])
+            members = sandbox_agent.members(self.netns_inode, -1) if self.netns_inode else []
+            pid = self._find(target, [p for p in members if p not in self._tree])
         if pid is None:
             return
         info.pid = pid
         if pid not in self._commands:
             self._commands[pid] = command_line(pid)
         info.command = self._commands[pid]
-
-    def _namespace_members(self) -> list[int]:
-        pids = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.stat(f"/proc/{entry.name}/ns/net").st_ino == self.netns_inode:
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
 
     def _last_fd_holds(self, target: str) -> int | None:
         if self._last is None:
