@@ -182,13 +182,18 @@ class SessionStore:
         with self._lock:
             for ident in [i for i, f in self._cache.items() if not f.finished]:
                 del self._cache[ident]
-        self._update_totals()
         if self.sort_key != "time":
             if time.monotonic() - self._built_at >= RESORT_INTERVAL:
                 self._rebuild()
             else:
                 self._resort_due = True
-            return
+        else:
+            self._refresh_tail()
+        # Counted after the view is read, so the count takes in every row listed (counted
+        # before, a commit in between showed "3/0 flows" until the next commit).
+        self._update_totals()
+
+    def _refresh_tail(self) -> None:
         # Time order: rows before _tail_from are final; fetch the rest again. The next tail is
         # read before the rows: read after, it could pass rows the writer committed in
         # between, and those would never be fetched (the list stayed empty under "0/3 flows").

@@ -159,3 +159,30 @@ def test_rows_committed_while_the_view_is_read_are_listed_next_time(tmp_path: Pa
     assert len(store) == 3 and store.view_len == 3
     writer.close()
     store.close()
+
+
+def test_the_count_takes_in_every_listed_row(tmp_path: Path) -> None:
+    """A commit while the store reads the view must not leave more rows listed than counted
+    (the status bar showed "3/0 flows")."""
+    rnd = random.Random(8)
+    writer = SessionWriter(tmp_path / "count.tapui", ["x"])
+    store = SessionStore(writer.path)
+    writer.add([make_flow(rnd)])
+    writer.flush()
+    committed = False
+    query = store._query
+
+    def commit_first(sql: str, params=()):  # type: ignore[no-untyped-def]
+        nonlocal committed
+        if sql.startswith("SELECT f.id FROM flows f WHERE f.id >= ?") and not committed:
+            committed = True
+            writer.add([make_flow(rnd), make_flow(rnd)])
+            writer.flush()  # committed just before the view's rows are read
+        return query(sql, params)
+
+    store._query = commit_first  # type: ignore[method-assign]
+    assert store.drain()
+    assert committed
+    assert store.view_len == 3 and len(store) == 3
+    writer.close()
+    store.close()
