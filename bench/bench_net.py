@@ -7,7 +7,9 @@ latency tapui adds per new connection.
     python bench/bench_net.py [--size-mib 1024] [--connections 500] [--only plain|https]
                               [--repeat 3] [--mitmdump]
 
-With the HTTPS figures it prints the TLS work tapui does for a download done alone (decrypt,
+With the plain figures it prints a bare relay's (bench/bare_relay.py: a recv/send loop between
+two loopback sockets, no sandbox, no decoding) against direct: about the most any relay, tapui
+included, can reach on the machine at hand. With the HTTPS figures it prints the TLS work tapui does for a download done alone (decrypt,
 encrypt again, in memory, on one core), as a ratio to the direct download: a ceiling for
 tapui's HTTPS relay on the machine at hand.
 
@@ -192,7 +194,7 @@ def report_throughput(
 ) -> None:
     ratio = through / direct
     verdict = f"meets target {target}x" if ratio >= target else f"BELOW target {target}x"
-    print(f"{name:<28} direct {direct:8.0f} MB/s   {who} {through:8.0f} MB/s   "
+    print(f"{name:<28} direct {direct:8.0f} MB/s   {who:>10} {through:8.0f} MB/s   "
           f"ratio {ratio:4.2f}x  ({verdict if who == 'tapui' else 'for comparison'})")
 
 
@@ -218,6 +220,17 @@ def plain(args: argparse.Namespace, upload: str, mitm: Mitmdump | None) -> None:
         up = f"http://127.0.0.1:{port}/upload"
         up_t = f"http://{ALIAS}:{port}/upload"
         report_throughput("upload", *curl_pair(up, up_t, upload), 0.5)
+        relay, relay_port = start_server(str(port), script="bare_relay.py")
+        try:
+            for name, path, body in (("download", args.size_mib, None), ("upload", "upload", upload)):
+                url = f"http://127.0.0.1:{{}}/{path}"
+                report_throughput(f"  bare relay, {name}", *paired_speeds(
+                    curl_command(url.format(port), body), curl_command(url.format(relay_port), body)
+                ), 0.5, "bare relay")
+        finally:
+            stop(relay)
+        print(f"{'':<28} (bare relay: a recv/send loop between two loopback sockets, no sandbox,")
+        print(f"{'':<28}  no TCP stack, no decoding: about the most any relay reaches here)")
         direct_lat, tapui_lat = latency_pair(
             lambda k: latencies("127.0.0.1", port, k, False),
             lambda k: latencies(GATEWAY, port, k, True), args.connections,
