@@ -351,7 +351,12 @@ class Http1Observer:
             if reader is None:
                 if not buf:
                     return
-                event = read_response_head(buf)
+                try:
+                    event = read_response_head(buf)
+                except h11.ProtocolError as exc:
+                    if not str(exc).startswith("illegal request line"):
+                        raise
+                    raise h11.RemoteProtocolError(not_an_http1_answer(bytes(buf))) from None
                 if event is None:
                     if len(buf) > _MAX_HEADERS:
                         raise h11.RemoteProtocolError("response head too large")
@@ -486,6 +491,14 @@ class Http1Observer:
             flows.append(self._ws_flow)
         for flow in flows:
             self.bus.done(flow, error=message)
+
+
+def not_an_http1_answer(data: bytes | bytearray) -> str:
+    """What to say of a server's answer that does not begin with an HTTP/1 status line (h11
+    calls it an "illegal request line", whichever side sent it)."""
+    if len(data) >= 9 and data[3] == 0x04 and data[5:9] == b"\0\0\0\0":  # SETTINGS, stream 0
+        return "the server answered in HTTP/2 frames, not HTTP/1 (it does not heed ALPN)"
+    return f"the server's answer does not begin with an HTTP/1 status line: {bytes(data[:24])!r}"
 
 
 def _decoding_failure(exc: Exception) -> str:

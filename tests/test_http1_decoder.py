@@ -369,6 +369,22 @@ def test_malformed_chunk_size_marks_flow() -> None:
     assert c.kinds(flow).count(EventKind.DONE) == 1
 
 
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"\0\0\x12\x04\0\0\0\0\0\0\x03\0\0\0\x64\0\x04\0\x01\0\0\0\x05\0\0\x40\0",
+         "the server answered in HTTP/2 frames, not HTTP/1"),
+        (b"\x15\x03\x03\0\x02\x02\x28", "does not begin with an HTTP/1 status line: b'\\x15"),
+    ],
+    ids=["http2-frames", "tls-alert"],
+)
+def test_an_answer_that_is_not_http1_says_what_it_is(answer: bytes, said: str) -> None:
+    req = client_bytes(h11.Request(method="GET", target="/", headers=[("Host", "x.test")]))
+    (flow,) = decode([("c", req), ("s", answer)]).flows
+    assert flow.state is FlowState.ERROR
+    assert said in flow.error and "request line" not in flow.error
+
+
 def test_response_head_is_announced_before_its_body_ends() -> None:
     req = client_bytes(h11.Request(method="GET", target="/", headers=[("Host", "x.test")]))
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
