@@ -112,6 +112,16 @@ async def test_list_shows_flows_and_navigates() -> None:
 
 
 @asynctest
+async def test_a_narrow_list_keeps_the_port_of_a_long_host() -> None:
+    flow = make_flow(1, authority="service.internal.example.test:35829", path="/hello")
+    app = TapuiApp(flows=[flow])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        row = app.flow_list.render_line(1).text
+        assert "…:35829 " in row and "/hello" in row
+
+
+@asynctest
 async def test_filter_narrows_and_bad_syntax_keeps_last_good() -> None:
     app = TapuiApp(flows=sample_flows())
     async with app.run_test(size=SIZE) as pilot:

@@ -134,6 +134,25 @@ def fit(text: str, width: int, right: bool = False) -> str:
     return set_cell_size(text, width)
 
 
+def fit_host(text: str, width: int) -> str:
+    """Like `fit`, but a host that does not fit loses the end of its name, not its port (or
+    a DNS query's type and port): "host.tapui.int…:35829", "host.tap… AAAA:53"."""
+    if cell_len(text) <= width:
+        return fit(text, width)
+    name, space, tail = text.rpartition(" ")
+    if space and not name.startswith("←"):
+        tail = " " + tail
+    else:
+        name, colon, port = text.rpartition(":")
+        if not colon or not port.isdigit():
+            return fit(text, width)
+        tail = ":" + port
+    room = width - cell_len(tail)
+    if room < 5:
+        return fit(text, width)
+    return fit(name, room) + tail
+
+
 def cells(flow: Flow) -> dict[str, str]:
     """The text of each column for a flow."""
     request, response = flow.request, flow.response
@@ -436,7 +455,9 @@ class FlowList(ScrollView, can_focus=True):
             if column.name == "method":
                 cell_style = style + self.get_component_rich_style("flow-list--method",
                                                                    partial=True)
-            segments.append(Segment(fit(values[column.name], column.width, column.right),
-                                    cell_style))
+            value = values[column.name]
+            text = (fit_host(value, column.width) if column.name == "host"
+                    else fit(value, column.width, column.right))
+            segments.append(Segment(text, cell_style))
         strip = Strip(segments)
         return strip.crop_extend(0, width, style)
