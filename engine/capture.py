@@ -25,7 +25,7 @@ from engine import ca, heap, tempdirs, tls
 from engine.addresses import GATEWAY_V4, AddressPlan
 from engine.errors import EXIT_INTERNAL, TapuiError
 from engine.flow import ConnectionSummary, FlowBus
-from engine.netstack import Netstack
+from engine.netstack import QUIC_PORT, Netstack
 from engine.procinfo import ProcessFinder
 from engine.proxy import Proxy, ProxyOptions
 from engine.proxy_env import sandbox_proxy_env
@@ -88,6 +88,8 @@ class CaptureOptions:
     publish: list[tuple[int, int]] = field(default_factory=list)
     keep_running: bool = False
     intercept_tls: bool = True
+    #: Relay QUIC; otherwise it is refused while TLS is intercepted (see Netstack).
+    allow_quic: bool = False
     insecure: bool = False
     upstream_ca: list[str] = field(default_factory=list)
     ignore_hosts: list[str] = field(default_factory=list)
@@ -218,8 +220,10 @@ class Capture:
             processes,
         )
         self.proxy.closed_listeners.extend(self.connection_listeners)
+        refuse_quic = self.options.intercept_tls and not self.options.allow_quic
         self.netstack = Netstack(
-            self.tun_fd, loop, self.plan, self.proxy.on_connection, self.bus, processes
+            self.tun_fd, loop, self.plan, self.proxy.on_connection, self.bus, processes,
+            refused_udp_ports=frozenset({QUIC_PORT}) if refuse_quic else frozenset(),
         )
         self.proxy.dns = self.netstack.dns
         self.netstack.start()

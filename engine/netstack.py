@@ -27,6 +27,9 @@ READ_SIZE = 65536 + 1024
 BATCH = 128
 UDP_IDLE = 60.0
 DNS_PORT = 53
+QUIC_PORT = 443
+QUIC_REFUSED = ("QUIC (HTTP/3) refused, so that the client falls back to HTTPS over TCP "
+                "(--allow-quic relays it)")
 
 ConnKey = tuple[bytes, int, bytes, int]
 NewConnection = Callable[[TcpConnection], None]
@@ -100,6 +103,7 @@ class Netstack:
         on_connection: NewConnection,
         bus: FlowBus | None = None,
         processes: ProcessFinder | None = None,
+        refused_udp_ports: frozenset[int] = frozenset(),
     ) -> None:
         self.fd = fd
         self.bus = bus
@@ -110,6 +114,10 @@ class Netstack:
         self.dns = DnsResolver(plan, loop)
         self.connections: dict[ConnKey, TcpConnection] = {}
         self.udp: dict[ConnKey, UdpFlow] = {}
+        #: UDP ports answered with "port unreachable" (QUIC: its clients fall back to TCP),
+        #: and when each refused flow was last seen (it is shown once while it lasts).
+        self.refused_udp_ports = refused_udp_ports
+        self.refused_udp: dict[ConnKey, float] = {}
         self._acks: set[TcpConnection] = set()
         self._deliveries: list[TcpConnection] = []
         self._reaper: asyncio.TimerHandle | None = None
@@ -156,12 +164,16 @@ class Netstack:
 
     def icmp_unreachable(self, conn: TcpConnection, code: int) -> None:
         """Tell the app its SYN could not be delivered (host/network unreachable)."""
-        original = conn.syn_packet or b""
-        if len(conn.src) == 4:
-            self.write(packets.icmp_packet(conn.dst, conn.src, 3, code, b"\0\0\0\0" + original[:28]))
+        self._unreachable(conn.src, conn.dst, conn.syn_packet or b"", code)
+
+    def _unreachable(self, src: bytes, dst: bytes, original: bytes | memoryview, code: int) -> None:
+        """An ICMP "destination unreachable" (ICMPv4 `code`, or its ICMPv6 peer) to `src`, about
+        its packet `original` to `dst`."""
+        if len(src) == 4:
+            self.write(packets.icmp_packet(dst, src, 3, code, b"\0\0\0\0" + bytes(original[:28])))
         else:
-            code6 = {0: 0, 1: 3, 13: 1}.get(code, 3)
-            self.write(packets.icmp_packet(conn.dst, conn.src, 1, code6, b"\0\0\0\0" + original[:1232]))
+            code6 = {0: 0, 1: 3, 3: 4, 13: 1}.get(code, 3)
+            self.write(packets.icmp_packet(dst, src, 1, code6, b"\0\0\0\0" + bytes(original[:1232])))
 
     # ---- reading -----------------------------------------------------------------------
 
@@ -201,7 +213,7 @@ class Netstack:
         if pkt.proto == packets.PROTO_TCP:
             self._tcp(pkt, buf)
         elif pkt.proto == packets.PROTO_UDP:
-            self._udp(pkt)
+            self._udp(pkt, buf)
         elif pkt.proto in (packets.PROTO_ICMP, packets.PROTO_ICMPV6):
             self._icmp(pkt)
 
@@ -247,11 +259,14 @@ class Netstack:
             packets.tcp_segment(pkt.dst, pkt.src, pkt.dport, pkt.sport, seq, ack, flags, 0, addr_sum, 0)
         )
 
-    def _udp(self, pkt: packets.Packet) -> None:
+    def _udp(self, pkt: packets.Packet, buf: memoryview) -> None:
         if pkt.dport == DNS_PORT:
             self.loop.create_task(self._dns(pkt.src, pkt.sport, pkt.dst, bytes(pkt.payload)))
             return
         key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        if pkt.dport in self.refused_udp_ports:
+            self._refuse_udp(key, pkt, buf)
+            return
         flow = self.udp.get(key)
         if flow is None:
             flow = UdpFlow(self, key)
@@ -260,6 +275,21 @@ class Netstack:
             family = socket.AF_INET6 if ":" in target else socket.AF_INET
             self.loop.create_task(self._open_udp(flow, target, pkt.dport, family))
         flow.send(bytes(pkt.payload))
+
+    def _refuse_udp(self, key: ConnKey, pkt: packets.Packet, buf: memoryview) -> None:
+        """Port unreachable, as a host with nothing on that port answers: a connected socket
+        gets ECONNREFUSED at once, and QUIC clients fall back to TCP. One flow per client
+        socket says so."""
+        if key not in self.refused_udp:
+            flow = udp_flow(self, *key, FlowKind.UDP)
+            flow.bytes_sent = len(pkt.payload)
+            if self.processes is not None:  # (before the refusal: the app may close at once)
+                self.processes.lookup(flow.conn)
+            if self.bus is not None:
+                self.bus.new(flow)
+                self.bus.done(flow, error=QUIC_REFUSED)
+        self.refused_udp[key] = time.monotonic()
+        self._unreachable(pkt.src, pkt.dst, buf, 3)
 
     async def _open_udp(self, flow: UdpFlow, host: str, port: int, family: int) -> None:
         try:
@@ -285,6 +315,9 @@ class Netstack:
 
     def _reap_udp(self) -> None:
         now = time.monotonic()
+        for key, last in list(self.refused_udp.items()):
+            if now - last > UDP_IDLE:
+                del self.refused_udp[key]
         for key, flow in list(self.udp.items()):
             if now - flow.last > UDP_IDLE:
                 flow.close()

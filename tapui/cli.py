@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-intercept", action="store_true", help="relay all TLS untouched (no CA needed)"
     )
     parser.add_argument(
+        "--allow-quic",
+        action="store_true",
+        help="relay QUIC (UDP to port 443) as it is; by default it is refused, so that "
+        "HTTP/3 clients fall back to HTTPS over TCP, which tapui decodes",
+    )
+    parser.add_argument(
         "--max-body-size",
         metavar="SIZE",
         type=size_arg,
@@ -307,6 +313,7 @@ def cmd_run(argv: list[str]) -> int:
             publish=args.publish,
             keep_running=args.keep_running,
             intercept_tls=not args.no_intercept,
+            allow_quic=args.allow_quic,
             insecure=args.insecure,
             upstream_ca=args.upstream_ca,
             ignore_hosts=args.ignore_hosts,

@@ -338,10 +338,14 @@ def http_server(
 class UdpEcho(threading.Thread):
     """Answers each datagram with b"echo:" + datagram, on 127.0.0.1."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         super().__init__(daemon=True)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        try:
+            self.sock.bind(("127.0.0.1", port))
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
         self.stopped = threading.Event()

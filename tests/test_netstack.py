@@ -311,6 +311,34 @@ def test_udp_is_relayed(udp_echo: servers.UdpEcho) -> None:
     assert result.stdout.strip() == "echo:ping"
 
 
+@pytest.mark.parametrize("address", ["169.254.77.1", "fd7a:7a70:7a70::1"], ids=["ipv4", "ipv6"])
+def test_quic_is_refused_so_http3_clients_fall_back_to_tcp(address: str) -> None:
+    result = run_tapui("--no-ui", "-q", "--no-save", "--jsonl", "-", "--",
+                       PY, client("netcheck.py"), "quic", address, "443")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "refused" in lines, result.stdout
+    flows = [json.loads(line) for line in lines if line.startswith("{")]
+    (udp,) = [f for f in flows if f["kind"] == "udp"]
+    assert "QUIC (HTTP/3) refused" in udp["error"] and "--allow-quic" in udp["error"]
+    assert udp["pid"] and "netcheck.py quic" in udp["command"]
+
+
+@pytest.mark.parametrize("option", ["--allow-quic", "--no-intercept"])
+def test_quic_is_relayed_when_allowed_or_tls_is_not_intercepted(option: str) -> None:
+    try:
+        echo = servers.UdpEcho(port=443)
+    except OSError as exc:  # (binding port 443 needs root, as in CI)
+        pytest.skip(f"UDP 127.0.0.1:443 unavailable here: {exc}")
+    echo.start()
+    try:
+        result = run_tapui("--no-ui", option, "--", PY, client("netcheck.py"), "quic", HOST, "443")
+    finally:
+        echo.stop()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["answer", "1205"]  # b"echo:" and the datagram
+
+
 def test_connection_lines_report_bytes(http_port: int) -> None:
     url = f"http://{HOST}:{http_port}/bytes/5000"
     result = run_tapui("--no-ui", "--", "curl", "-4", "-sS", "-o", "/dev/null", url)

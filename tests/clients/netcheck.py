@@ -135,6 +135,22 @@ def udp(host: str, port: str) -> None:
         print(s.recvfrom(100)[0].decode())
 
 
+def quic(address: str, port: str) -> None:
+    """A QUIC client's first datagram (a long-header Initial, padded to 1,200 bytes) from a
+    connected socket, as HTTP/3 clients send it; prints what came back."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        s.connect((address, int(port)))
+        s.send(bytes([0xC3, 0, 0, 0, 1]) + os.urandom(1195))
+        try:
+            print("answer", len(s.recv(2048)))
+        except ConnectionRefusedError:
+            print("refused")
+        except TimeoutError:
+            print("no answer")
+
+
 def raw_http(host: str, port: str) -> None:
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
