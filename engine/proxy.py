@@ -217,6 +217,9 @@ class Relay:
         self.observer: StreamObserver | None = None
         self.mode = "sniff"  # sniff -> plain | tls-handshake -> tls | closed
         self.pending = bytearray()  # app bytes held while sniffing or handshaking
+        #: Server bytes relayed while sniffing, kept for the decoder: an h2c server sends its
+        #: SETTINGS as soon as it accepts, often before the app's preface reaches tapui.
+        self.early_server: list[bytes] = []
         self.sniff_timer: asyncio.TimerHandle | None = None  # see SNIFF_WAIT
         self.tls_up: TlsEndpoint | None = None  # tapui as the client of the upstream
         # An upstream endpoint made ahead of the app's ClientHello, for the SNI and ALPN the
@@ -468,6 +471,11 @@ class Relay:
         data, self.pending = bytes(self.pending), bytearray()
         if data:
             self._to_upstream([data])
+        early, self.early_server = self.early_server, []
+        for part in early:  # (relayed already: decoded now, after the app's first bytes)
+            if self.observer is None:
+                break
+            self._observe(self.observer.server_data, part)
         if self.app_eof_seen:
             self._upstream_write_eof()
 
@@ -684,8 +692,19 @@ class Relay:
             self._upstream_handshake()
             return
         if mode == "sniff":
+            if self._maybe_h2c_server(data):
+                self.early_server.append(data)  # relayed now, decoded once the app is told
+                self.from_upstream_plaintext([data])
+                return
             self._go_plain("unknown", "tcp")  # the server spoke first
         self.from_upstream_plaintext([data])
+
+    def _maybe_h2c_server(self, data: bytes) -> bool:
+        """The server spoke first with what may be an HTTP/2 server's preface (SETTINGS): the
+        app's bytes, when they come, tell whether it is HTTP/2 over plain TCP."""
+        if self.early_server:
+            return sum(map(len, self.early_server)) + len(data) <= SNIFF_LIMIT
+        return sniff.looks_like_h2_settings(data)
 
     def _read_upstream(self) -> None:
         up = self.tls_up

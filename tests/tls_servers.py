@@ -97,11 +97,12 @@ def https_server(ca: trustme.CA, pool: bytes) -> _TLSServer:
 class H2Server(threading.Thread):
     """A small HTTP/2 server (ALPN h2): GET /hello, GET /bytes/N, POST echoes the body's digest,
     GET /trailers answers with trailers (as gRPC does), GET /late-trailers sends them 0.1 s
-    after the body."""
+    after the body. With tls=False it speaks h2c (prior knowledge). Either way it sends its
+    SETTINGS as soon as it accepts, before it reads anything, as h2 servers do."""
 
-    def __init__(self, ca: trustme.CA, pool: bytes) -> None:
+    def __init__(self, ca: trustme.CA, pool: bytes, tls: bool = True) -> None:
         super().__init__(daemon=True)
-        self.context = server_context(ca, ["h2"])
+        self.context = server_context(ca, ["h2"]) if tls else None
         self.pool = pool
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.1)
@@ -124,7 +125,7 @@ class H2Server(threading.Thread):
 
     def _serve(self, raw: socket.socket) -> None:
         try:
-            sock = self.context.wrap_socket(raw, server_side=True)
+            sock = raw if self.context is None else self.context.wrap_socket(raw, server_side=True)
         except (ssl.SSLError, OSError):
             raw.close()
             return
@@ -201,8 +202,8 @@ class H2Server(threading.Thread):
 
 
 @contextmanager
-def running_h2(ca: trustme.CA, pool: bytes) -> Iterator[H2Server]:
-    server = H2Server(ca, pool)
+def running_h2(ca: trustme.CA, pool: bytes, tls: bool = True) -> Iterator[H2Server]:
+    server = H2Server(ca, pool, tls)
     server.start()
     try:
         yield server
