@@ -57,6 +57,7 @@ TRUST_ENV = [
     "DENO_CERT",
     "GIT_SSL_CAINFO",
     "AWS_CA_BUNDLE",
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",  # gRPC's C core (grpcio, C++, Ruby, PHP)
 ]
 KEEP_RUNNING_POLL = 0.5
 DRAIN_TIME = 0.5  # seconds at most for the last bytes to be relayed once the command exited

@@ -1,4 +1,5 @@
-"""Turn message bodies into highlighted lines: pretty-printed by type, hex dumps for binary.
+"""Turn message bodies into highlighted lines: pretty-printed by type (protobuf and gRPC decoded
+without their .proto), hex dumps for other binary.
 
 Only one page (PAGE_SIZE characters or bytes) is highlighted at a time, so a large body costs
 the same to show as a small one.
@@ -17,6 +18,7 @@ from rich.style import Style
 from rich.syntax import Syntax
 from rich.text import Span, Text
 
+from engine import protobuf_text
 from engine.content import ContentDecodeError, decode_body
 from engine.flow import Body, Headers, header
 
@@ -127,7 +129,7 @@ def _pretty(kind: str, text: str, content_type: str | None) -> str:
 
 
 _LEXERS = {"json": "json", "xml": "xml", "html": "html", "javascript": "javascript",
-           "css": "css", "form": "yaml"}
+           "css": "css", "form": "yaml", "protobuf": "yaml"}
 
 
 def _no_background(style: str | Style) -> str | Style:
@@ -227,6 +229,11 @@ def format_body(data: bytes, content_type: str | None, page: int = 0,
     """Lines for page `page` of a decoded body."""
     if not data:
         return Page([Text("(no body)", style="dim")], 0, 1, "empty")
+    mtype = media_type(content_type)
+    if protobuf_text.handles(mtype):
+        decoded = protobuf_text.body_text(data, mtype)
+        if decoded is not None:
+            return _text_page(printable(decoded), "protobuf", page, page_size)
     if is_binary(data, content_type):
         pages = max(1, math.ceil(len(data) / page_size))
         page = min(max(page, 0), pages - 1)
@@ -238,9 +245,11 @@ def format_body(data: bytes, content_type: str | None, page: int = 0,
         text = _multipart(data, content_type) or text
     else:
         text = _pretty(kind, text, content_type)
-    text = printable(text)
+    return _text_page(printable(text), kind, page, page_size)
+
+
+def _text_page(text: str, kind: str, page: int, page_size: int) -> Page:
     chunks = _split_pages(text, page_size)
     page = min(max(page, 0), len(chunks) - 1)
-    chunk = chunks[page]
     # Re-indented documents highlight cleanly; a page cut from a large one still mostly does.
-    return Page(highlight(chunk, kind), page, len(chunks), kind)
+    return Page(highlight(chunks[page], kind), page, len(chunks), kind)

@@ -1,0 +1,151 @@
+"""Protobuf and gRPC bodies as readable text, without their .proto.
+
+A protobuf message carries field numbers and wire types, not names: blackboxprotobuf decodes it
+and guesses which length-delimited fields are strings, bytes or nested messages. gRPC (and
+gRPC-Web) bodies are a run of length-prefixed messages; each is shown in turn. The text is
+YAML-like, so that it highlights as YAML.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import struct
+import zlib
+from typing import Any
+
+import blackboxprotobuf
+from blackboxprotobuf.lib.exceptions import BlackboxProtobufException
+
+PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf",
+                  "application/vnd.google.protobuf", "application/x-google-protobuf")
+GRPC_TYPES = ("application/grpc", "application/grpc+proto", "application/grpc-web",
+              "application/grpc-web+proto")
+GRPC_WEB_TRAILERS = 0x80  # gRPC-Web: the frame holds the trailers, as HTTP/1 header lines
+GRPC_COMPRESSED = 0x01
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: Messages this large are listed, not decoded (a screenful is what anyone reads).
+DECODE_LIMIT = 4 * 1024 * 1024
+
+
+def handles(media_type: str) -> bool:
+    return media_type in PROTOBUF_TYPES or media_type in GRPC_TYPES
+
+
+def body_text(data: bytes, media_type: str) -> str | None:
+    """The body as text, or None when it does not decode as what its type says."""
+    if media_type in GRPC_TYPES:
+        return grpc_text(data)
+    return message_text(data)
+
+
+def grpc_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int] | None:
+    """(flags, message) for each length-prefixed frame, and how many bytes a cut-off last
+    frame lacks (0 when whole); None if the bytes are not gRPC framing."""
+    frames: list[tuple[int, bytes]] = []
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < 5:
+            return None
+        flags, length = struct.unpack_from(">BI", data, offset)
+        if flags & ~(GRPC_WEB_TRAILERS | GRPC_COMPRESSED):
+            return None
+        message = data[offset + 5 : offset + 5 + length]
+        frames.append((flags, message))
+        offset += 5 + length
+        if len(message) < length:
+            return frames, length - len(message)
+    return frames, 0
+
+
+def grpc_text(data: bytes) -> str | None:
+    parsed = grpc_frames(data)
+    if parsed is None or not parsed[0]:
+        return None
+    frames, missing = parsed
+    count = sum(1 for flags, _ in frames if not flags & GRPC_WEB_TRAILERS)
+    out: list[str] = []
+    number = 0
+    for index, (flags, message) in enumerate(frames, 1):
+        cut = missing if index == len(frames) else 0
+        if flags & GRPC_WEB_TRAILERS:
+            more = f", {cut:,} more not kept" if cut else ""
+            out.append(f"# trailers ({len(message):,} bytes{more})")
+            out.extend(message.decode("utf-8", "replace").strip().splitlines())
+            continue
+        number += 1
+        head = f"# message {number} of {count}, {len(message):,} bytes"
+        if cut:
+            out.append(f"{head} ({cut:,} more not kept: not decoded)")
+            continue
+        if flags & GRPC_COMPRESSED:
+            inflated = _inflate(message)
+            if inflated is None:
+                out.append(f"{head}, compressed (grpc-encoding) in a way tapui does not read")
+                continue
+            head += f", compressed ({len(inflated):,} bytes inflated)"
+            message = inflated
+        text = message_text(message)
+        out.append(head)
+        out.append(text if text is not None else "# (not a protobuf message)")
+    return "\n".join(out)
+
+
+def message_text(data: bytes) -> str | None:
+    """One protobuf message as text, or None if it does not parse as one."""
+    if not data:
+        return "# (empty message: every field has its default)"
+    if len(data) > DECODE_LIMIT:
+        return None
+    try:
+        message, typedef = blackboxprotobuf.decode_message(data)
+    except (BlackboxProtobufException, ValueError, IndexError, KeyError, TypeError):
+        return None
+    return "\n".join(_lines(message, typedef, 0))
+
+
+def _inflate(data: bytes) -> bytes | None:
+    try:
+        if data[:2] == b"\x1f\x8b":
+            return gzip.decompress(data)
+        return zlib.decompress(data)  # grpc-encoding: deflate
+    except (OSError, zlib.error, EOFError):
+        return None
+
+
+def _lines(message: dict[str, Any], typedef: dict[str, Any], depth: int) -> list[str]:
+    indent = "  " * depth
+    out: list[str] = []
+    order = typedef.get("field_order") or list(message)
+    for key in dict.fromkeys(order):  # (a repeated field is listed once per occurrence)
+        if key not in message:
+            continue
+        value, spec = message[key], typedef.get(key, {})
+        kind = spec.get("type", "")
+        values = value if isinstance(value, list) else [value]
+        if kind == "message":
+            for item in values:
+                out.append(f"{indent}{key}:")
+                out.extend(_lines(item, spec.get("message_typedef", {}), depth + 1))
+        else:
+            scalars = [_scalar(item, kind) for item in values]
+            text = scalars[0] if len(scalars) == 1 else "[" + ", ".join(scalars) + "]"
+            out.append(f"{indent}{key}: {text}")
+    return out
+
+
+def _scalar(value: Any, kind: str) -> str:
+    if isinstance(value, bytes):
+        return f"!!binary {value.hex(' ')}"
+    if isinstance(value, str):
+        if _CONTROL.search(value):  # more likely bytes, or packed numbers, than text
+            return f"!!binary {value.encode('utf-8').hex(' ')}"
+        return json.dumps(value, ensure_ascii=False)
+    if kind == "fixed64" and isinstance(value, int):
+        as_double = struct.unpack("<d", struct.pack("<Q", value & (2**64 - 1)))[0]
+        return f"{value}  # fixed64, or the double {as_double:g}"
+    if kind == "fixed32" and isinstance(value, int):
+        as_float = struct.unpack("<f", struct.pack("<I", value & (2**32 - 1)))[0]
+        return f"{value}  # fixed32, or the float {as_float:g}"
+    return str(value)

@@ -1,0 +1,82 @@
+"""gRPC through tapui with grpcio on both ends: h2c and TLS, trailers, and the messages shown
+decoded without their .proto."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+
+from engine.har import load_har
+from tapui.widgets.body_format import format_body
+from tests.conftest import HOST, client, run_tapui
+
+pytestmark = pytest.mark.usefixtures("sandbox")
+PY = sys.executable
+
+
+def reply_to(name: bytes) -> bytes:
+    """The server's answer: field 1 a greeting, field 2 the number 42 (a varint)."""
+    greeting = b"hello, " + name
+    return b"\x0a" + bytes([len(greeting)]) + greeting + b"\x10\x2a"
+
+
+class Echo(grpc.GenericRpcHandler):
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method != "/echo.Echo/Say":
+            return None
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: reply_to(request[2:]))
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def grpc_ports(ca: trustme.CA) -> Iterator[dict[str, int]]:
+    """One grpcio server on the host's loopback: a plain (h2c) port and a TLS port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[Echo()])
+    plain = server.add_insecure_port("127.0.0.1:0")
+    cert = ca.issue_cert(HOST)
+    credentials = grpc.ssl_server_credentials(
+        [(cert.private_key_pem.bytes(), b"".join(c.bytes() for c in cert.cert_chain_pems))]
+    )
+    tls = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield {"plain": plain, "tls": tls}
+    finally:
+        server.stop(None).wait(5)
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls"])
+def test_a_grpc_call_is_decoded_with_its_messages_and_trailers(
+    mode: str, grpc_ports: dict[str, int], ca: trustme.CA, tmp_path: Path
+) -> None:
+    upstream_ca = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(upstream_ca))
+    har = tmp_path / "s.har"
+    result = run_tapui(
+        "--no-ui", "--upstream-ca", str(upstream_ca), "--har", str(har), "--",
+        PY, client("grpc_client.py"), f"{HOST}:{grpc_ports[mode]}", mode, "tapui",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == reply_to(b"tapui").hex()
+    flows = list(load_har(har))
+    assert len([f for f in flows if f.request is not None]) == 1, (flows, result.stderr)
+    [flow] = [f for f in flows if f.request is not None]
+    assert flow.request.path == "/echo.Echo/Say" and flow.request.method == "POST"
+    assert flow.response is not None and flow.response.http_version == "HTTP/2"
+    assert ("grpc-status", "0") in flow.response.trailers
+    shown = [line.plain for line in format_body(
+        flow.response.body.read(), "application/grpc").lines]
+    assert shown == ["# message 1 of 1, 16 bytes", '1: "hello, tapui"', "2: 42"]
+    asked = [line.plain for line in format_body(
+        flow.request.body.read(), "application/grpc").lines]
+    assert asked == ["# message 1 of 1, 7 bytes", '1: "tapui"']
