@@ -7,6 +7,7 @@ import threading
 import time
 from typing import TextIO
 
+from engine import grpc
 from engine.flow import ConnectionSummary, EventKind, Flow, FlowEvent, FlowKind
 
 _RESET = "\x1b[0m"
@@ -51,6 +52,10 @@ def exchange_line(flow: Flow, colour: bool) -> str:
     parts.append((resp.http_version if resp is not None else req.http_version) or "")
     if flow.kind == FlowKind.WEBSOCKET:
         parts.append(f"websocket {len(flow.websocket_messages)} messages")
+    failed = grpc.failure(resp)
+    if failed:
+        rpc = f"grpc {failed}"
+        parts.append((_ERROR + rpc + _RESET) if colour else rpc)
     if flow.conn.inbound:
         parts.append("(inbound, to a published port)")
     line = " ".join(p for p in parts if p)

@@ -14,6 +14,7 @@ import trustme
 
 from engine.har import load_har
 from tapui.widgets.body_format import format_body
+from tapui.widgets.flow_list import cells, row_class
 from tests.conftest import HOST, client, run_tapui
 
 pytestmark = pytest.mark.usefixtures("sandbox")
@@ -30,7 +31,14 @@ class Echo(grpc.GenericRpcHandler):
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         if details.method != "/echo.Echo/Say":
             return None
-        return grpc.unary_unary_rpc_method_handler(lambda request, context: reply_to(request[2:]))
+        return grpc.unary_unary_rpc_method_handler(say)
+
+
+def say(request: bytes, context: grpc.ServicerContext) -> bytes:
+    name = request[2:]
+    if name == b"nobody":
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such name: nobody")
+    return reply_to(name)
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +88,19 @@ def test_a_grpc_call_is_decoded_with_its_messages_and_trailers(
     asked = [line.plain for line in format_body(
         flow.request.body.read(), "application/grpc").lines]
     assert asked == ["# message 1 of 1, 7 bytes", '1: "tapui"']
+
+
+def test_a_failed_rpc_shows_its_grpc_status(grpc_ports: dict[str, int], tmp_path: Path) -> None:
+    """An RPC that fails still has HTTP status 200: the line, the list's type column and the
+    row's colour say how it failed."""
+    har = tmp_path / "s.har"
+    result = run_tapui(
+        "--no-ui", "--har", str(har), "--",
+        PY, client("grpc_client.py"), f"{HOST}:{grpc_ports['plain']}", "plain", "nobody",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["failed", "NOT_FOUND"]
+    [line] = [line for line in result.stderr.splitlines() if "/echo.Echo/Say" in line]
+    assert " 200 " in line and line.endswith("grpc NOT_FOUND: no such name: nobody"), line
+    [flow] = [f for f in load_har(har) if f.request is not None]
+    assert cells(flow)["type"] == "grpc ✗ NOT_FOUND" and row_class(flow) == "error"

@@ -16,6 +16,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.timer import Timer
 
+from engine import grpc
 from engine.flow import Flow, FlowKind, FlowState, header
 from engine.store import SORT_KEYS, FlowStore, flow_size
 from tapui.messages import OpenFlow, ViewChanged
@@ -49,6 +50,9 @@ def clock(ts: float) -> str:
 def short_type(flow: Flow) -> str:
     if flow.response is None:
         return ""
+    failed = grpc.grpc_status(flow.response)
+    if failed is not None and failed[0]:
+        return f"grpc ✗ {failed[1]}"  # an RPC that failed (its HTTP status is still 200)
     value = header(flow.response.headers, "content-type") or ""
     value = value.split(";", 1)[0].strip()
     return value.removeprefix("application/")
@@ -73,6 +77,8 @@ def row_class(flow: Flow) -> str:
     if flow.kind in (FlowKind.TCP, FlowKind.UDP, FlowKind.DNS):
         return "raw"
     if flow.response is not None:
+        if grpc.failure(flow.response):
+            return "error"
         return f"{min(max(flow.response.status // 100, 1), 5)}xx"
     return "pending"
 

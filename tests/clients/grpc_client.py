@@ -1,7 +1,8 @@
 """Inside the sandbox: one unary gRPC call with grpcio, as an app would make it.
 
 Usage: grpc_client.py HOST:PORT plain|tls NAME. The request is a protobuf message with NAME
-in field 1 (encoded by hand: no generated stubs needed); prints the response's bytes in hex.
+in field 1 (encoded by hand: no generated stubs needed); prints the response's bytes in hex,
+or "failed" and the status code's name.
 With tls, the channel trusts grpcio's default roots, which tapui points at its bundle
 (GRPC_DEFAULT_SSL_ROOTS_FILE_PATH)."""
 
@@ -17,4 +18,7 @@ else:
     channel = grpc.insecure_channel(target)
 with channel:
     say = channel.unary_unary("/echo.Echo/Say")  # bytes in, bytes out
-    print(say(request, timeout=20).hex())
+    try:
+        print(say(request, timeout=20).hex())
+    except grpc.RpcError as exc:
+        print("failed", exc.code().name)
