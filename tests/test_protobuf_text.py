@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import struct
 
-from engine.protobuf_text import body_text
+from engine.protobuf_text import DECODE_BUDGET, body_text
 from tapui.widgets.body_format import format_body
 
 #: field 1 varint 150, field 2 "hello", field 3 a message {1: 7, 2: "inner"},
@@ -59,3 +59,13 @@ def test_what_does_not_decode_as_its_type_says_is_a_hex_dump() -> None:
                         (b"\x07\0\0\0\x01", "application/grpc")):
         page = format_body(data, ctype)
         assert page.kind == "hex", (data, [line.plain for line in page.lines])
+
+
+def test_messages_past_the_decoding_budget_are_listed_not_decoded() -> None:
+    big = b"\x10\x01" * (DECODE_BUDGET // 2 + 1)
+    lines = shown(frame(big) + frame(b"\x08\x01"), "application/grpc")
+    assert lines == [
+        f"# message 1 of 2, {len(big):,} bytes (not decoded: past the "
+        f"{DECODE_BUDGET // 1024} KiB tapui decodes of a body)",
+        "# message 2 of 2, 2 bytes", "1: 1"]
+    assert format_body(big, "application/x-protobuf").kind == "hex"
