@@ -27,8 +27,8 @@ GRPC_WEB_TRAILERS = 0x80  # gRPC-Web: the frame holds the trailers, as HTTP/1 he
 GRPC_COMPRESSED = 0x01
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 #: Protobuf bytes decoded per body at most: the decoder guesses its way through nested
-#: fields at some 160 KB/s at worst here (0.2 s for 32 KiB), and the body pane waits for it. Messages past this
-#: are listed, not decoded (a protobuf body larger than this is shown as a hex dump).
+#: fields at some 160 KB/s at worst here (0.2 s for 32 KiB), and the body pane waits for it.
+#: Messages past this are listed, not decoded (a larger protobuf body is a hex dump).
 DECODE_BUDGET = 32 * 1024
 
 
