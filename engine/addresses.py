@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 HOST_ALIAS = "host.tapui.internal"
 SANDBOX_V4 = "169.254.77.2"
@@ -75,12 +76,37 @@ def parse_add_host(spec: str) -> tuple[str, str]:
     return name, ip
 
 
-def parse_publish(spec: str) -> tuple[int, int]:
-    """`PORT` or `HOST_PORT:SANDBOX_PORT` -> (host port, sandbox port); ValueError if bad."""
-    parts = spec.split(":")
-    if len(parts) > 2 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"expected PORT or HOST_PORT:SANDBOX_PORT, got {spec!r}")
+class Published(NamedTuple):
+    """A --publish: the host port (on `address`, or on 127.0.0.1 and ::1 when None) that
+    leads to `sandbox_port` in the sandbox."""
+
+    host_port: int
+    sandbox_port: int
+    address: str | None = None
+
+
+def parse_publish(spec: str) -> Published:
+    """`PORT`, `HOST_PORT:PORT` or `IP:HOST_PORT:PORT` (an IPv6 address in brackets, as
+    `[::1]:8080:80`); ValueError if bad."""
+    address = None
+    rest = spec
+    if spec.startswith("["):
+        inside, bracket, rest = spec[1:].partition("]:")
+        if not bracket:
+            raise ValueError(f"expected [IPv6]:HOST_PORT:PORT, got {spec!r}")
+        address = inside
+    elif spec.count(":") == 2:
+        address, rest = spec.split(":", 1)
+    if address is not None:
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise ValueError(f"not an IP address to listen on: {address!r}") from None
+    parts = rest.split(":")
+    if len(parts) > 2 or (address is not None and len(parts) != 2) or not all(
+            p.isdigit() for p in parts):
+        raise ValueError(f"expected PORT, HOST_PORT:PORT or IP:HOST_PORT:PORT, got {spec!r}")
     ports = [int(p) for p in parts]
     if not all(1 <= p <= 65535 for p in ports):
         raise ValueError(f"ports are 1 to 65535, got {spec!r}")
-    return (ports[0], ports[-1])
+    return Published(ports[0], ports[-1], address)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import ca, heap, tempdirs, tls
-from engine.addresses import GATEWAY_V4, AddressPlan
+from engine.addresses import GATEWAY_V4, AddressPlan, Published
 from engine.errors import EXIT_INTERNAL, TapuiError
 from engine.flow import ConnectionSummary, FlowBus
 from engine.netstack import QUIC_PORT, Netstack
@@ -86,7 +86,7 @@ class CaptureOptions:
     tun_path: str = field(default_factory=lambda: os.environ.get(TUN_ENV, DEFAULT_TUN))
     add_hosts: list[tuple[str, str]] = field(default_factory=list)
     #: (host port, sandbox port) pairs: servers in the sandbox reached from the host.
-    publish: list[tuple[int, int]] = field(default_factory=list)
+    publish: list[Published] = field(default_factory=list)
     keep_running: bool = False
     intercept_tls: bool = True
     #: Relay QUIC; otherwise it is refused while TLS is intercepted (see Netstack).

@@ -1,8 +1,8 @@
 """Published ports: a server the command runs in the sandbox, reached from the host.
 
 `--publish 9000:8000` makes tapui listen on the host's loopback (127.0.0.1 and ::1) at port
-9000; each connection accepted there is dialled to port 8000 on the sandbox's own loopback by
-the sandbox's agent (`engine.sandbox_agent`), which hands tapui the connected socket. The two
+9000 (`--publish 0.0.0.0:9000:8000`: on the address given); each connection accepted there is
+dialled to port 8000 on the sandbox's own loopback by the sandbox's agent (`engine.sandbox_agent`), which hands tapui the connected socket. The two
 sockets are then relayed like any connection the app makes, so the exchanges coming in are
 decoded and shown too (TLS is relayed untouched: the host's client does not trust tapui's CA).
 
@@ -21,6 +21,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 
+from engine.addresses import Published
 from engine.errors import EXIT_USAGE, TapuiError
 from engine.flow import Connection
 from engine.proxy import READ_SIZE, UPSTREAM_HIGH_WATER, UPSTREAM_LOW_WATER, Proxy, Relay
@@ -30,13 +31,19 @@ Answer = Callable[[socket.socket | None, int], None]
 SANDBOX_LOOPBACKS = ("127.0.0.1", "::1")
 
 
-def listen(publish: list[tuple[int, int]]) -> list[tuple[socket.socket, int]]:
-    """Listening sockets on the host's loopback, with the sandbox port each leads to. Made
-    before the command starts, so that a port in use is said at once."""
+LOOPBACKS = (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6))
+
+
+def listen(publish: list[Published]) -> list[tuple[socket.socket, int]]:
+    """Listening sockets on the host (its loopback unless an address is given), with the
+    sandbox port each leads to. Made before the command starts, so that a port in use is said
+    at once."""
     made: list[tuple[socket.socket, int]] = []
     try:
-        for host_port, sandbox_port in publish:
-            for address, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+        for host_port, sandbox_port, bind in publish:
+            addresses = LOOPBACKS if bind is None else (
+                (bind, socket.AF_INET6 if ":" in bind else socket.AF_INET),)
+            for address, family in addresses:
                 sock = None
                 try:
                     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -48,15 +55,16 @@ def listen(publish: list[tuple[int, int]]) -> list[tuple[socket.socket, int]]:
                 except OSError as exc:
                     if sock is not None:
                         sock.close()
-                    if family == socket.AF_INET6 and exc.errno in (
+                    if bind is None and family == socket.AF_INET6 and exc.errno in (
                         errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT
                     ):
                         continue  # no IPv6 loopback on this host
-                    raise TapuiError(
-                        f"tapui: cannot publish port {sandbox_port}: the host's {address} port "
-                        f"{host_port}: {exc.strerror} (choose another host port, e.g. "
-                        f"--publish {_another(host_port)}:{sandbox_port})", EXIT_USAGE,
-                    ) from None
+                    why = (f"tapui: cannot publish port {sandbox_port}: the host's {address} port "
+                           f"{host_port}: {exc.strerror}")
+                    if exc.errno == errno.EADDRINUSE:
+                        why += (" (choose another host port, e.g. --publish "
+                                f"{_spec(bind, _another(host_port), sandbox_port)})")
+                    raise TapuiError(why, EXIT_USAGE) from None
                 sock.setblocking(False)
                 made.append((sock, sandbox_port))
     except BaseException:
@@ -64,6 +72,13 @@ def listen(publish: list[tuple[int, int]]) -> list[tuple[socket.socket, int]]:
             sock.close()
         raise
     return made
+
+
+def _spec(bind: str | None, host_port: int, sandbox_port: int) -> str:
+    """The --publish spec for these."""
+    if bind is None:
+        return f"{host_port}:{sandbox_port}"
+    return f"{f'[{bind}]' if ':' in bind else bind}:{host_port}:{sandbox_port}"
 
 
 def _another(port: int) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine import tempdirs
-from engine.addresses import HOST_ALIAS, parse_add_host, parse_publish
+from engine.addresses import HOST_ALIAS, Published, parse_add_host, parse_publish
 from engine.errors import EXIT_INTERNAL, EXIT_USAGE, TapuiError
 from engine.flow import EventKind, Flow, FlowBus, FlowEvent
 from engine.printer import LinePrinter
@@ -65,7 +65,7 @@ def add_host_arg(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def publish_arg(text: str) -> tuple[int, int]:
+def publish_arg(text: str) -> Published:
     try:
         return parse_publish(text)
     except ValueError as exc:
@@ -107,13 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-p",
         "--publish",
-        metavar="[HOST_PORT:]PORT",
+        metavar="[[IP:]HOST_PORT:]PORT",
         type=publish_arg,
         action="append",
         default=[],
         help="let the host reach a server the command runs on PORT in the sandbox: tapui "
-        "listens on the host's localhost at HOST_PORT (default: PORT) and shows those exchanges "
-        "too, e.g. -p 8000 or -p 9000:8000 (repeatable)",
+        "listens on the host's localhost (or on IP) at HOST_PORT (default: PORT) and shows "
+        "those exchanges too, e.g. -p 8000, -p 9000:8000 or -p 0.0.0.0:8000:8000 (repeatable)",
     )
     parser.add_argument(
         "--keep-running",

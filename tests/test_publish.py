@@ -44,15 +44,16 @@ class Published:
 
 
 @contextmanager
-def published(tmp_path: Path, *server_args: str, address: str = "127.0.0.1") -> Iterator[Published]:
+def published(tmp_path: Path, *server_args: str, address: str = "127.0.0.1",
+              bind: str = "") -> Iterator[Published]:
     """tapui running a test server on `address`:SANDBOX_PORT in the sandbox, published on a
-    free port of the host."""
+    free port of the host (on `bind`, as `--publish` writes it, if given)."""
     host_port = free_port()
     jsonl = tmp_path / "flows.jsonl"
     server = [PY, client("sandbox_server.py"), *server_args[:1], address, str(SANDBOX_PORT),
               *server_args[1:]]
     with tapui_in_background("--no-ui", "-q", "--no-save", "--jsonl", str(jsonl),
-                             "-p", f"{host_port}:{SANDBOX_PORT}", "--", *server) as proc:
+                             "-p", f"{bind}{host_port}:{SANDBOX_PORT}", "--", *server) as proc:
         assert proc.stdout is not None
         line = proc.stdout.readline().split()
         assert line[:1] == ["ready"], (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -89,6 +90,20 @@ def test_a_server_on_the_sandboxs_ipv6_loopback_only_is_reached(tmp_path: Path) 
         result = curl(f"http://[::1]:{pub.host_port}/hello")  # and from the host's ::1
         assert (result.returncode, result.stdout) == (0, "hello from the host\n"), result.stderr
         assert [f["status"] for f in pub.flows(2) if f["method"]] == [200, 200]
+
+
+@pytest.mark.usefixtures("sandbox")
+@pytest.mark.parametrize(("bind", "reached", "refused"), [
+    ("127.0.0.1:", "127.0.0.1", "[::1]"), ("[::1]:", "[::1]", "127.0.0.1")], ids=["ipv4", "ipv6"])
+def test_a_port_published_on_one_address_listens_only_there(
+    tmp_path: Path, bind: str, reached: str, refused: str
+) -> None:
+    with published(tmp_path, "http", bind=bind) as pub:
+        result = curl(f"http://{reached}:{pub.host_port}/hello")
+        assert (result.returncode, result.stdout) == (0, "hello from the host\n"), result.stderr
+        result = curl(f"http://{refused}:{pub.host_port}/hello")
+        assert result.returncode == 7, result  # curl: failed to connect
+        assert [f["status"] for f in pub.flows(1) if f["method"]] == [200]
 
 
 @pytest.mark.usefixtures("sandbox")
@@ -136,7 +151,7 @@ def test_a_host_port_in_use_is_refused_before_the_command_runs(tmp_path: Path) -
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("spec", ["0", "70000", "80:", "a:80", "1:2:3"])
+@pytest.mark.parametrize("spec", ["0", "70000", "80:", "a:80", "1:2:3", "[::1]:80", "x:1:2"])
 def test_a_bad_publish_spec_is_a_usage_error(spec: str) -> None:
     result = run_tapui("--no-ui", "-p", spec, "--", "true")
     assert result.returncode == 2
