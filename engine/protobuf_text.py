@@ -8,6 +8,7 @@ YAML-like, so that it highlights as YAML.
 
 from __future__ import annotations
 
+import base64
 import functools
 import gzip
 import json
@@ -23,6 +24,8 @@ PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf",
                   "application/vnd.google.protobuf", "application/x-google-protobuf")
 GRPC_TYPES = ("application/grpc", "application/grpc+proto", "application/grpc-web",
               "application/grpc-web+proto")
+#: gRPC-Web for browsers that cannot send binary: the same frames, in base64.
+GRPC_TEXT_TYPES = ("application/grpc-web-text", "application/grpc-web-text+proto")
 GRPC_WEB_TRAILERS = 0x80  # gRPC-Web: the frame holds the trailers, as HTTP/1 header lines
 GRPC_COMPRESSED = 0x01
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -33,7 +36,7 @@ DECODE_BUDGET = 32 * 1024
 
 
 def handles(media_type: str) -> bool:
-    return media_type in PROTOBUF_TYPES or media_type in GRPC_TYPES
+    return media_type in (*PROTOBUF_TYPES, *GRPC_TYPES, *GRPC_TEXT_TYPES)
 
 
 @functools.lru_cache(maxsize=8)  # (paging through a body formats it again)
@@ -41,6 +44,13 @@ def body_text(data: bytes, media_type: str) -> str | None:
     """The body as text, or None when it does not decode as what its type says."""
     if media_type in GRPC_TYPES:
         return grpc_text(data)
+    if media_type in GRPC_TEXT_TYPES:
+        try:  # (each message may be base64 on its own, padding and all)
+            frames = b"".join(base64.b64decode(part + b"=" * (-len(part) % 4), validate=True)
+                              for part in re.findall(rb"[A-Za-z0-9+/]+=*", data))
+        except ValueError:
+            return None
+        return grpc_text(frames)
     return message_text(data)
 
 

@@ -3,6 +3,7 @@ pane shows them (format_body)."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import struct
 
@@ -46,6 +47,12 @@ def test_grpc_web_trailers_are_shown_as_headers() -> None:
     assert shown(data, "application/grpc-web+proto") == [
         "# message 1 of 1, 2 bytes", "1: 1", "# trailers (34 bytes)", "grpc-status: 0",
         "grpc-message: ok"]
+
+
+def test_grpc_web_text_is_base64_of_the_same_frames() -> None:
+    data = base64.b64encode(frame(b"\x08\x01")) + base64.b64encode(frame(b"\x08\x02"))
+    assert shown(data, "application/grpc-web-text") == [
+        "# message 1 of 2, 2 bytes", "1: 1", "# message 2 of 2, 2 bytes", "1: 2"]
 
 
 def test_a_message_cut_by_the_body_cap_is_listed_not_decoded() -> None:
