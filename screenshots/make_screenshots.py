@@ -3,8 +3,9 @@
     python screenshots/make_screenshots.py [--out DIR]
 
 Starts a small HTTP server on 127.0.0.1 (JSON, HTML, an image, a gzip response, a POST and a
-404), runs a real client under `tapui --no-ui --har` (a Python script and curl, talking to the
-server through host.tapui.internal), then loads the recorded HAR into the Textual app, drives it
+404) and a gRPC server (grpcio, from the test extra), runs a real client under
+`tapui --no-ui --har` (a Python script and curl, talking to the servers through
+host.tapui.internal), then loads the recorded HAR into the Textual app, drives it
 with keys through `App.run_test()` and saves an SVG of each main screen. No terminal needed.
 """
 
@@ -22,7 +23,11 @@ import tempfile
 import threading
 import time
 import zlib
+from concurrent import futures
 from pathlib import Path
+
+import blackboxprotobuf
+import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -117,10 +122,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         {"Location": "/api/orders/1042"})
 
 
+#: The gRPC answer: an order, as a protobuf message (its .proto would name the fields).
+ORDER = blackboxprotobuf.encode_message(
+    {"1": 1042, "2": "created", "3": {"1": "SKU-007", "2": 2}, "4": {"1": "Ada Lovelace",
+     "2": "ada@example.test"}, "5": 1714557600},
+    {"1": {"type": "int"}, "2": {"type": "string"},
+     "3": {"type": "message", "message_typedef": {"1": {"type": "string"}, "2": {"type": "int"}}},
+     "4": {"type": "message", "message_typedef": {"1": {"type": "string"},
+                                                 "2": {"type": "string"}}},
+     "5": {"type": "int"}},
+)
+
+
+class Orders(grpc.GenericRpcHandler):
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method != "/shop.Orders/Get":
+            return None
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: ORDER)
+
+
 CLIENT = """\
 import json, sys, urllib.request, urllib.error
+import grpc
 
-base = sys.argv[1]
+base, grpc_target = sys.argv[1], sys.argv[2]
 auth = {"Authorization": "Bearer demo-token", "Accept": "application/json"}
 
 def get(path, headers=auth):
@@ -140,6 +165,8 @@ request = urllib.request.Request(base + "/api/orders", data=json.dumps(order).en
 urllib.request.urlopen(request).read()
 get("/api/users/99")
 get("/api/search?q=tapui&limit=5")
+with grpc.insecure_channel(grpc_target) as channel:
+    channel.unary_unary("/shop.Orders/Get")(b"\\x08\\x92\\x08", timeout=10)  # {1: 1042}
 print("client done")
 """
 
@@ -149,15 +176,20 @@ def record_session(workdir: Path) -> list[Flow]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://{HOST}:{server.server_address[1]}"
+    rpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[Orders()])
+    grpc_target = f"{HOST}:{rpc.add_insecure_port('127.0.0.1:0')}"
+    rpc.start()
     client = workdir / "client.py"
     client.write_text(CLIENT)
     script = workdir / "client.sh"
-    script.write_text(f'curl -s -o /dev/null "{base}/"\npython3 "{client}" "{base}"\n')
+    script.write_text(f'curl -s -o /dev/null "{base}/"\n'
+                      f'"{sys.executable}" "{client}" "{base}" "{grpc_target}"\n')
     har = workdir / "session.har"
     try:
         subprocess.run([sys.executable, "-m", "tapui.cli", "--no-ui", "-q", "--har", str(har),
                         "--", "sh", str(script)], cwd=ROOT, check=True, timeout=120)
     finally:
+        rpc.stop(None)
         server.shutdown()
         server.server_close()
     return sorted(load_har(har), key=lambda flow: flow.timings.start)
@@ -188,6 +220,7 @@ async def shoot(flows: list[Flow], out: Path) -> list[Path]:
     await screen("json-response", "enter", "2", select="/api/report")
     await screen("request", "enter", select="/api/orders")
     await screen("timing", "enter", "3", select="/api/search")
+    await screen("grpc-response", "enter", "2", select="/shop.Orders/Get")
     await screen("filtered-list", "slash", *"~m POST | ~c 404", "enter")
     await screen("help", "question_mark")
     return saved
