@@ -45,6 +45,14 @@ _SETTINGS_HEADER_TABLE_SIZE = 0x1
 _SETTINGS_MAX_FRAME_SIZE = 0x5
 
 
+def looks_like_h2_settings(data: bytes | bytearray) -> bool:
+    """The first bytes of an HTTP/2 server: a SETTINGS frame (not an ACK) on stream 0."""
+    if len(data) < 9:
+        return False
+    length = int.from_bytes(data[:3], "big")
+    return data[3] == 0x04 and data[4] == 0 and data[5:9] == b"\0\0\0\0" and length % 6 == 0
+
+
 class H2DecodeError(ValueError):
     pass
 
@@ -59,7 +67,8 @@ def error_name(code: int) -> str:
 class _Direction:
     """Decoding state of one direction (client→server or server→client)."""
 
-    __slots__ = ("from_client", "buf", "decoder", "preface", "block", "block_frame", "max_frame")
+    __slots__ = ("from_client", "buf", "decoder", "preface", "block", "block_frame", "max_frame",
+                 "framed")
 
     def __init__(self, from_client: bool) -> None:
         self.from_client = from_client
@@ -69,6 +78,7 @@ class _Direction:
         self.block: bytearray | None = None  # header block waiting for CONTINUATION
         self.block_frame: HeadersFrame | PushPromiseFrame | None = None
         self.max_frame = _DEFAULT_MAX_FRAME  # largest frame the receiver accepts
+        self.framed = False  # a frame has been read (so its bytes are HTTP/2 at all)
 
 
 class _Stream:
@@ -146,7 +156,8 @@ class Http2Observer:
             self._parse(d, data)
         except Exception as exc:  # noqa: BLE001 - a decoder must never break the relay
             self._dead = True
-            self._finish_open(f"HTTP/2 decoding error: {type(exc).__name__}: {exc}")
+            why = str(exc) if isinstance(exc, H2DecodeError) else f"{type(exc).__name__}: {exc}"
+            self._finish_open(f"HTTP/2 decoding error: {why}")
 
     def _parse(self, d: _Direction, data: bytes) -> None:
         buf = d.buf
@@ -161,6 +172,11 @@ class Http2Observer:
                 return
             d.preface = False
             pos = len(PREFACE)
+        if not d.from_client and not d.framed and (
+                buf.startswith(b"HTTP/") or (end >= 9 and not looks_like_h2_settings(buf))):
+            said = bytes(buf.split(b"\r\n", 1)[0][:40])
+            raise H2DecodeError(f"the server's answer is not HTTP/2 (it begins {said!r}, not with "
+                                "a SETTINGS frame)")
         frames = []
         with memoryview(buf) as view:
             while end - pos >= 9:
@@ -173,6 +189,7 @@ class Http2Observer:
                 frame.parse_body(view[pos + 9 : pos + 9 + length])
                 pos += 9 + length
                 frames.append(frame)
+                d.framed = True
         if pos:
             del buf[:pos]
         for frame in frames:

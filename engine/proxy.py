@@ -24,6 +24,7 @@ from engine.addresses import AddressPlan
 from engine.ca import CertificateAuthority
 from engine.dns import DnsResolver
 from engine.flow import Connection, ConnectionSummary, FlowBus, Timings, next_connection_id
+from engine.http2 import looks_like_h2_settings
 from engine.observer import StreamObserver
 from engine.tcp import TcpConnection
 from engine.tls_endpoint import TlsEndpoint
@@ -704,7 +705,7 @@ class Relay:
         app's bytes, when they come, tell whether it is HTTP/2 over plain TCP."""
         if self.early_server:
             return sum(map(len, self.early_server)) + len(data) <= SNIFF_LIMIT
-        return sniff.looks_like_h2_settings(data)
+        return looks_like_h2_settings(data)
 
     def _read_upstream(self) -> None:
         up = self.tls_up

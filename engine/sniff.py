@@ -57,14 +57,6 @@ def classify(first_bytes: bytes) -> Kind:
     return "unknown"
 
 
-def looks_like_h2_settings(data: bytes) -> bool:
-    """The first bytes of an HTTP/2 server: a SETTINGS frame (not an ACK) on stream 0."""
-    if len(data) < 9:
-        return False
-    length = int.from_bytes(data[:3], "big")
-    return data[3] == 0x04 and data[4] == 0 and data[5:9] == b"\0\0\0\0" and length % 6 == 0
-
-
 def begins_like_http(first_bytes: bytes) -> bool:
     """The bytes so far start a request with a known method (or part of one)."""
     space = first_bytes.find(b" ", 0, _MAX_METHOD + 1)

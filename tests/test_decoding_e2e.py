@@ -219,18 +219,20 @@ def test_large_https_download_keeps_memory_bounded(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("wait", [0.0, 0.3], ids=["at-once", "after-the-server"])
-def test_h2c_is_decoded_when_the_server_speaks_first(wait: float, pool: bytes) -> None:
+def test_h2c_is_decoded_when_the_server_speaks_first(
+    wait: float, pool: bytes, tmp_path: Path
+) -> None:
     """An h2c server sends its SETTINGS as soon as it accepts; an app whose preface comes after
     them (here 0.3 s after, as gRPC's often did by a hair) is still decoded as HTTP/2."""
+    jsonl = tmp_path / "flows.jsonl"
     with tls_servers.running_h2(trustme.CA(), pool, tls=False) as server:
         result = run_tapui(
-            "--no-ui", "-q", "--no-save", "--jsonl", "-", "--",
+            "--no-ui", "-q", "--no-save", "--jsonl", str(jsonl), "--",
             PY, client("h2c_client.py"), HOST, str(server.port), "/hello", str(wait),
         )
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert "200 hello over h2" in lines, result.stdout
-    flows = [json.loads(line) for line in lines if line.startswith("{")]
+    assert result.stdout == "200 hello over h2\n\n"
+    flows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     http = [f for f in flows if f["kind"] == "http"]
     assert [(f["url"], f["status"], f["http_version"]) for f in http] == [
         (f"http://{HOST}:{server.port}/hello", 200, "HTTP/2")], flows

@@ -244,6 +244,19 @@ def test_garbage_frame_marks_open_flows() -> None:
     assert c.kinds(flows["/open"]).count(EventKind.DONE) == 1
 
 
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n",
+                                    b"<!DOCTYPE HTML>\n<html>"], ids=["http1", "http09"])
+def test_a_server_that_does_not_speak_http2_is_said_so(answer: bytes) -> None:
+    p = H2Pair()
+    p.request("/x")
+    p.flush()
+    (flow,) = decode([*[r for r in p.record if r[0] == "c"], ("s", answer)]).flows
+    begins = answer.split(b"\r\n")[0]
+    assert flow.state is FlowState.ERROR
+    assert flow.error.startswith("HTTP/2 decoding error: the server's answer is not HTTP/2 "
+                                 f"(it begins {begins!r}"), flow.error
+
+
 def test_garbage_header_block_marks_error() -> None:
     p = H2Pair()
     p.request("/x")

@@ -312,13 +312,13 @@ def test_udp_is_relayed(udp_echo: servers.UdpEcho) -> None:
 
 
 @pytest.mark.parametrize("address", ["169.254.77.1", "fd7a:7a70:7a70::1"], ids=["ipv4", "ipv6"])
-def test_quic_is_refused_so_http3_clients_fall_back_to_tcp(address: str) -> None:
-    result = run_tapui("--no-ui", "-q", "--no-save", "--jsonl", "-", "--",
+def test_quic_is_refused_so_http3_clients_fall_back_to_tcp(address: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    jsonl = tmp_path / "flows.jsonl"
+    result = run_tapui("--no-ui", "-q", "--no-save", "--jsonl", str(jsonl), "--",
                        PY, client("netcheck.py"), "quic", address, "443")
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert "refused" in lines, result.stdout
-    flows = [json.loads(line) for line in lines if line.startswith("{")]
+    assert result.stdout == "refused\n"
+    flows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     (udp,) = [f for f in flows if f["kind"] == "udp"]
     assert "QUIC (HTTP/3) refused" in udp["error"] and "--allow-quic" in udp["error"]
     assert udp["pid"] and "netcheck.py quic" in udp["command"]
