@@ -14,6 +14,7 @@ import trustme
 
 from engine.har import load_har
 from tapui.widgets.body_format import format_body
+from tapui.widgets.flow_detail import summary
 from tapui.widgets.flow_list import cells, row_class
 from tests.conftest import HOST, client, run_tapui
 
@@ -104,3 +105,4 @@ def test_a_failed_rpc_shows_its_grpc_status(grpc_ports: dict[str, int], tmp_path
     assert " 200 " in line and line.endswith("grpc NOT_FOUND: no such name: nobody"), line
     [flow] = [f for f in load_har(har) if f.request is not None]
     assert cells(flow)["type"] == "grpc ✗ NOT_FOUND" and row_class(flow) == "error"
+    assert "  → 200   0b  ✗ grpc NOT_FOUND: no such name: nobody  " in summary(flow).plain

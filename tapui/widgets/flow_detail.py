@@ -9,6 +9,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
+from engine import grpc
 from engine.flow import Flow, Headers, WebSocketMessage
 from tapui.widgets.body_format import printable
 from tapui.widgets.body_view import BodyView
@@ -42,6 +43,9 @@ def summary(flow: Flow) -> Text:
         style = "green" if response.status < 400 else "red"
         text.append(f"  → {response.status} {response.reason}", style=f"bold {style}")
         text.append(f"  {human_size(response.body.size)}")
+        failed = grpc.failure(response)
+        if failed:
+            text.append(f"  ✗ grpc {failed}", style="bold red")
     if flow.error:
         text.append(f"  ✗ {flow.error}", style="bold red")
     text.append(f"  {human_duration(flow.duration)}", style="dim")
