@@ -104,5 +104,5 @@ def test_a_failed_rpc_shows_its_grpc_status(grpc_ports: dict[str, int], tmp_path
     [line] = [line for line in result.stderr.splitlines() if "/echo.Echo/Say" in line]
     assert " 200 " in line and line.endswith("grpc NOT_FOUND: no such name: nobody"), line
     [flow] = [f for f in load_har(har) if f.request is not None]
-    assert cells(flow)["type"] == "grpc ✗ NOT_FOUND" and row_class(flow) == "error"
+    assert cells(flow)["type"] == "grpc NOT_FOUND" and row_class(flow) == "error"
     assert "  → 200   0b  ✗ grpc NOT_FOUND: no such name: nobody  " in summary(flow).plain

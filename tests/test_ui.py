@@ -200,8 +200,10 @@ def test_refused_connection_row_says_why() -> None:
     assert cells(flow)["path"] == "↑0b ↓0b"
     flow.error = "upstream ::1:8080: connection refused"
     assert cells(flow)["path"] == "✗ upstream ::1:8080: connection refused"
-    flow.bytes_sent = 10  # it moved data before failing: the byte counts matter more
-    assert cells(flow)["path"].startswith("↑10b")
+    flow.bytes_sent = 1200  # sent, nothing came back (a refused QUIC datagram): still why
+    assert cells(flow)["path"] == "✗ upstream ::1:8080: connection refused"
+    flow.bytes_received = 10  # an exchange before it failed: the byte counts matter more
+    assert cells(flow)["path"].startswith("↑1.2k ↓10b")
 
 
 def test_an_inbound_exchange_is_marked_in_its_row() -> None:

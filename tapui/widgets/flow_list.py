@@ -52,7 +52,7 @@ def short_type(flow: Flow) -> str:
         return ""
     failed = grpc.grpc_status(flow.response)
     if failed is not None and failed[0]:
-        return f"grpc ✗ {failed[1]}"  # an RPC that failed (its HTTP status is still 200)
+        return f"grpc {failed[1]}"  # an RPC that failed (its HTTP status is still 200)
     value = header(flow.response.headers, "content-type") or ""
     value = value.split(";", 1)[0].strip()
     return value.removeprefix("application/")
@@ -176,8 +176,8 @@ def cells(flow: Flow) -> dict[str, str]:
         method = flow.kind.value.upper()
         host = f"{conn.hostname or conn.sni or conn.server[0]}:{conn.server[1]}"
         path = f"↑{human_size(flow.bytes_sent)} ↓{human_size(flow.bytes_received)}" if raw else ""
-        if flow.error and not (flow.bytes_sent or flow.bytes_received):
-            path = f"✗ {flow.error}"  # e.g. a refused connection: why is what matters
+        if flow.error and not flow.bytes_received:
+            path = f"✗ {flow.error}"  # e.g. a refused connection or QUIC: why is what matters
         version = ""
     if conn.inbound:  # from the host, to the command's server (a published port)
         host = f"← {host}"
