@@ -3,7 +3,8 @@
     ~d REGEX   host            ~u REGEX   URL             ~m REGEX   method
     ~c CODE    status code     ~h/~hq/~hs REGEX  headers (both / request / response)
     ~b/~bq/~bs REGEX  decoded bodies   ~t/~tq/~ts REGEX  content type
-    ~s  has a response         ~q  request without response   ~e  error
+    ~s  has a response         ~q  request without response
+    ~e  error (of the connection or the exchange, or an RPC's non-zero grpc-status)
     ~websocket ~tcp ~udp ~dns ~http   flow kind       ~pid N   process id
     ~inbound   from the host to a published port (--publish)
     ~all       every flow
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import AnyStr
 
+from engine import grpc
 from engine.content import ContentDecodeError, decode_body
 from engine.flow import Body, Flow, FlowKind, Headers, header
 
@@ -273,7 +275,7 @@ def _kind(*kinds: FlowKind) -> Filter:
 _NO_ARG: dict[str, Filter] = {
     "s": lambda flow: flow.response is not None,
     "q": lambda flow: flow.request is not None and flow.response is None,
-    "e": lambda flow: flow.error is not None,
+    "e": lambda flow: flow.error is not None or grpc.failure(flow.response) is not None,
     "websocket": _kind(FlowKind.WEBSOCKET),
     "tcp": _kind(FlowKind.TCP),
     "udp": _kind(FlowKind.UDP),

@@ -1,5 +1,6 @@
 """gRPC's own status: an RPC that failed still has HTTP status 200; what it ended with is in the
-`grpc-status` trailer (or header, for a trailers-only answer)."""
+`grpc-status` trailer (or header, for a trailers-only answer) of an `application/grpc*`
+response. engine.sqlfilter asks the same of a session file (keep the two in step)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ CODES = {
 
 def grpc_status(response: Response | None) -> tuple[int, str, str] | None:
     """(code, its name, the message) of a gRPC response, or None if it carries no status."""
-    if response is None:
+    if response is None or not is_grpc(response):
         return None
     value, headers = header(response.trailers, "grpc-status"), response.trailers
     if value is None:
@@ -27,6 +28,10 @@ def grpc_status(response: Response | None) -> tuple[int, str, str] | None:
     code = int(value)
     message = unquote(header(headers, "grpc-message") or "")  # percent-encoded on the wire
     return code, CODES.get(code, f"code {code}"), message
+
+
+def is_grpc(response: Response) -> bool:
+    return (header(response.headers, "content-type") or "").lower().startswith("application/grpc")
 
 
 def failure(response: Response | None) -> str | None:

@@ -41,6 +41,19 @@ _KINDS = {
 }
 
 
+#: An RPC that failed (engine.grpc.failure): an application/grpc* response whose grpc-status,
+#: from its trailers or else its headers, is a number other than 0. The content type is
+#: asked first (a names lookup), so the details of other flows are never parsed.
+_GRPC_STATUS = ("(SELECT json_extract(x.value, '$[1]') FROM json_each(d.data, '$.rs[{i}]') x "
+                "WHERE lower(json_extract(x.value, '$[0]')) = 'grpc-status' LIMIT 1)")
+_GRPC_FAILED = (
+    "(f.resp_ctype IN (SELECT id FROM names WHERE value LIKE 'application/grpc%') "
+    "AND EXISTS (SELECT 1 FROM details d WHERE d.id = f.id AND (SELECT "
+    "v != '' AND v NOT GLOB '*[^0-9]*' AND CAST(v AS INTEGER) != 0 FROM (SELECT trim(COALESCE("
+    + _GRPC_STATUS.format(i=4) + ", " + _GRPC_STATUS.format(i=3) + ")) AS v))))"
+)
+
+
 @dataclass(frozen=True)
 class SqlFilter:
     """A WHERE expression over `flows f` and its parameters."""
@@ -231,7 +244,7 @@ class _Compiler:
         if name == "q":
             return "(f.method IS NOT NULL AND f.status IS NULL)"
         if name == "e":
-            return "(f.error IS NOT NULL)"
+            return f"(f.error IS NOT NULL OR {_GRPC_FAILED})"
         if name in _KINDS:
             return "(f.kind IN (" + ", ".join(f"'{k}'" for k in _KINDS[name]) + "))"
         if name == "inbound":  # (kept with the connection's details: rare, and no column)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import filters
+from engine import filters, grpc
 from engine.filters import FilterError
 from engine.flow import (
     Body,
@@ -75,6 +75,12 @@ def make_flow(rnd: random.Random) -> Flow:
         text = gzip.compress(text)
     flow.response = Response(rnd.choice([200, 404, 500, 101]), "OK", "HTTP/1.1", rheaders,
                              Body.of(text))
+    if rnd.random() < 0.2:  # gRPC: the status in the trailers, or in the headers alone
+        rheaders[1] = ("Content-Type", rnd.choice(["application/grpc", "Application/GRPC+proto"]))
+        status = ("grpc-status", rnd.choice(["0", "5", " 13", "x", ""]))
+        where = rnd.choice([flow.response.trailers, rheaders, None])
+        if where is not None:
+            where.append(status)
     if kind is FlowKind.WEBSOCKET:
         flow.websocket_messages = [
             WebSocketMessage(rnd.random() < 0.5, 1, rnd.choice(WORDS).encode(), 1.0)
@@ -195,3 +201,15 @@ def test_index_narrows_the_search(corpus: Corpus) -> None:
     plan = " ".join(str(r) for r in corpus.db.conn.execute(
         f"EXPLAIN QUERY PLAN SELECT f.id FROM flows f WHERE {compiled.where}", compiled.params))
     assert "VIRTUAL TABLE INDEX" in plan and "search" in plan
+
+
+def test_a_failed_rpc_is_an_error(corpus: Corpus) -> None:
+    """~e also finds RPCs that failed with HTTP 200 (a non-zero grpc-status), in SQL too."""
+    failed = [i for i, f in zip(corpus.ids, corpus.flows, strict=True)
+              if f.error is None and grpc.failure(f.response)]
+    ok = [i for i, f in zip(corpus.ids, corpus.flows, strict=True)
+          if f.error is None and grpc.grpc_status(f.response) is not None
+          and grpc.failure(f.response) is None]
+    assert failed and ok
+    found = set(corpus.sql("~e"))
+    assert set(failed) <= found and not set(ok) & found
