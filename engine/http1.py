@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 from h11 import _readers as h11_readers
@@ -38,6 +38,9 @@ from engine.flow import (
 )
 from engine.observer import unfinished_reason
 from engine.websocket import FrameParser, WebSocketError, permessage_deflate
+
+if TYPE_CHECKING:
+    from engine.http2 import Http2Observer
 
 #: Seconds between two body-progress updates of one flow.
 UPDATE_INTERVAL = 0.1
@@ -187,6 +190,8 @@ class Http1Observer:
         self._ws_client: FrameParser | None = None
         self._ws_server: FrameParser | None = None
         self._server_eof = False
+        #: After a 101 to h2c: the HTTP/2 decoder the rest of the connection goes to.
+        self._h2: Http2Observer | None = None
         self._announce: Flow | None = None  # a response head not yet told (see _announce_response)
         self._closed = False
         #: A proxy accepted a CONNECT: the bytes that follow are the app's with the far end.
@@ -195,6 +200,9 @@ class Http1Observer:
     # -- StreamObserver -----------------------------------------------------------------------
 
     def client_data(self, data: bytes) -> None:
+        if self._h2 is not None:
+            self._h2.client_data(data)
+            return
         if self._dead:
             return
         try:
@@ -215,6 +223,9 @@ class Http1Observer:
             self._fail(exc)
 
     def server_data(self, data: bytes) -> None:
+        if self._h2 is not None:
+            self._h2.server_data(data)
+            return
         if self._dead:
             return
         try:
@@ -236,6 +247,9 @@ class Http1Observer:
             self._fail(exc)
 
     def client_eof(self) -> None:
+        if self._h2 is not None:
+            self._h2.client_eof()
+            return
         if self._dead or self._ws_client is not None:
             return
         try:
@@ -246,12 +260,18 @@ class Http1Observer:
             self._fail(exc)
 
     def server_eof(self) -> None:
+        if self._h2 is not None:
+            self._h2.server_eof()
+            return
         if self._server_eof:
             return
         self._server_eof = True
         self._end_responses(server_closed=True)
 
     def close(self, error: str | None = None) -> None:
+        if self._h2 is not None:
+            self._h2.close(error)
+            return
         if self._closed:
             return
         if not self._server_eof:
@@ -433,6 +453,9 @@ class Http1Observer:
         self._announce = None  # told below
         assert flow.response is not None
         upgrade = (header(flow.response.headers, "upgrade") or "").lower()
+        if event.status_code == 101 and upgrade.strip() == "h2c":
+            self._to_h2c(flow)
+            return
         if event.status_code != 101 or "websocket" not in upgrade:
             self._dead = True  # h2c, TLS upgrades, tunnels: not decoded here
             self.tunnel = ex.method == b"CONNECT"
@@ -451,6 +474,23 @@ class Http1Observer:
         if server_rest:
             self._ws_server.feed(bytes(server_rest))
 
+    def _to_h2c(self, flow: Flow) -> None:
+        """HTTP/1.1 upgraded to HTTP/2 over plain TCP (RFC 7540 3.2, as curl --http2 and Java's
+        HttpClient ask for): the request becomes stream 1, answered in HTTP/2, and the rest of
+        the connection is decoded as HTTP/2."""
+        from engine.http2 import Http2Observer  # (it builds on this module)
+
+        self._dead = True
+        flow.response = None  # (the 101: the answer comes on stream 1)
+        flow.state = FlowState.REQUEST
+        self._h2 = Http2Observer(self.conn, self.bus, self.scheme, self.body_cap, upgraded=flow)
+        client_rest = self._client_buf.maybe_extract_at_most(len(self._client_buf))
+        server_rest = self._server_buf.maybe_extract_at_most(len(self._server_buf))
+        if client_rest:
+            self._h2.client_data(bytes(client_rest))
+        if server_rest:
+            self._h2.server_data(bytes(server_rest))
+
     def _ws_message(self, from_client: bool):  # noqa: ANN202
         def on_message(opcode: int, payload: bytes, timestamp: float) -> None:
             flow = self._ws_flow
@@ -465,6 +505,8 @@ class Http1Observer:
     # -- errors -------------------------------------------------------------------------------
 
     def answers_pending(self) -> bool:
+        if self._h2 is not None:
+            return self._h2.answers_pending()
         return any(not ex.flow.finished for ex in self._queue)
 
     def _open_flows(self) -> list[Flow]:

@@ -112,7 +112,9 @@ class Http2Observer:
         scheme: str = "https",
         body_cap: int = DEFAULT_BODY_CAP,
         timings: Timings | None = None,
+        upgraded: Flow | None = None,
     ) -> None:
+        """`upgraded`: the HTTP/1.1 request of an upgrade to h2c, which is stream 1."""
         self.conn = conn
         self.bus = bus
         self.scheme = scheme
@@ -125,6 +127,8 @@ class Http2Observer:
         self._dead = False
         self._closed = False
         self._server_eof = False  # the server closed its side
+        if upgraded is not None:
+            self._streams[1] = _Stream(upgraded)
 
     # -- StreamObserver -----------------------------------------------------------------------
 

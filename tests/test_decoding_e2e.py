@@ -236,3 +236,20 @@ def test_h2c_is_decoded_when_the_server_speaks_first(
     http = [f for f in flows if f["kind"] == "http"]
     assert [(f["url"], f["status"], f["http_version"]) for f in http] == [
         (f"http://{HOST}:{server.port}/hello", 200, "HTTP/2")], flows
+
+
+def test_an_upgrade_to_h2c_is_decoded_as_http2(pool: bytes, tmp_path: Path) -> None:
+    """curl --http2 on an http:// URL asks for h2c with an HTTP/1.1 Upgrade (so does Java's
+    HttpClient): the request is answered on stream 1, in HTTP/2, and decoded as such."""
+    jsonl = tmp_path / "flows.jsonl"
+    with tls_servers.running_h2(trustme.CA(), pool, tls=False) as server:
+        url = f"http://{HOST}:{server.port}"
+        result = run_tapui(
+            "--no-ui", "-q", "--no-save", "--jsonl", str(jsonl), "--",
+            "curl", "-sS", "--http2", "-w", " %{http_version}", f"{url}/hello",
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello over h2\n 2"
+    http = [f for f in map(json.loads, jsonl.read_text().splitlines()) if f["kind"] == "http"]
+    assert [(f["url"], f["status"], f["http_version"], f["error"]) for f in http] == [
+        (f"{url}/hello", 200, "HTTP/2", None)], http

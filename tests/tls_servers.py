@@ -97,7 +97,8 @@ def https_server(ca: trustme.CA, pool: bytes) -> _TLSServer:
 class H2Server(threading.Thread):
     """A small HTTP/2 server (ALPN h2): GET /hello, GET /bytes/N, POST echoes the body's digest,
     GET /trailers answers with trailers (as gRPC does), GET /late-trailers sends them 0.1 s
-    after the body. With tls=False it speaks h2c (prior knowledge). Either way it sends its
+    after the body. With tls=False it speaks h2c: with prior knowledge, or after an HTTP/1.1
+    Upgrade: h2c (the request answered on stream 1). With TLS or prior knowledge it sends its
     SETTINGS as soon as it accepts, before it reads anything, as h2 servers do."""
 
     def __init__(self, ca: trustme.CA, pool: bytes, tls: bool = True) -> None:
@@ -130,9 +131,24 @@ class H2Server(threading.Thread):
             raw.close()
             return
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
         streams: dict[int, dict] = {}
+        upgrade = self.context is None and raw.recv(4, socket.MSG_PEEK) != b"PRI "
+        if upgrade:  # an HTTP/1.1 request asking for h2c
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += raw.recv(65536)
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ")
+            fields = {k.strip().lower(): v.strip() for k, _, v in
+                      (line.partition(":") for line in lines[1:] if line)}
+            sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: h2c\r\n\r\n")
+            conn.initiate_upgrade_connection(fields["http2-settings"].encode())
+            self._respond(conn, sock, 1, {"headers": {b":path": path.encode(),
+                                                      b":method": method.encode()}, "body": b""})
+        else:
+            conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
         sock.settimeout(0.5)
         try:
             while not self.stopped.is_set():
