@@ -467,13 +467,33 @@ def test_http10_keep_alive() -> None:
     assert all(f.state is FlowState.DONE for f in flows)
 
 
-def test_non_websocket_upgrade_done_at_101() -> None:
-    req = (
-        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n"
-    )
-    resp = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
-    (flow,) = decode([("c", req), ("s", resp + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")]).flows
+def test_an_upgrade_to_another_protocol_is_done_at_101() -> None:
+    req = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo/1\r\n\r\n"
+    resp = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: foo/1\r\n\r\n"
+    (flow,) = decode([("c", req), ("s", resp + b"foo speaks now")]).flows
     assert flow.state is FlowState.DONE and flow.response.status == 101
+
+
+def test_an_upgrade_to_h2c_is_answered_on_stream_1() -> None:
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings = client.initiate_upgrade_connection()
+    req = (b"GET /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+           b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n")
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_upgrade_connection(settings)
+    server.send_headers(1, [(":status", "200"), ("content-type", "text/plain")])
+    server.send_data(1, b"ok", end_stream=True)
+    resp = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    c = decode([("c", req), ("s", resp), ("c", client.data_to_send()),
+                ("s", server.data_to_send())])
+    (flow,) = c.flows
+    assert flow.state is FlowState.DONE, flow.error
+    assert (flow.request.path, flow.response.status, flow.response.http_version) == (
+        "/up", 200, "HTTP/2")
+    assert flow.response.body.read() == b"ok"
 
 
 def test_refused_upgrade_continues_http() -> None:
