@@ -7,6 +7,8 @@ through its direction's decoder in order, so the dynamic tables stay in step wit
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 
 import hpack
@@ -129,6 +131,8 @@ class Http2Observer:
         self._server_eof = False  # the server closed its side
         if upgraded is not None:
             self._streams[1] = _Stream(upgraded)
+            assert upgraded.request is not None
+            self._client_settings(header(upgraded.request.headers, "http2-settings") or "")
 
     # -- StreamObserver -----------------------------------------------------------------------
 
@@ -231,13 +235,8 @@ class Http2Observer:
         elif isinstance(frame, SettingsFrame):
             if "ACK" not in frame.flags:
                 # The sender's settings bind what the *other* direction may send.
-                other = self._server if d.from_client else self._client
-                size = frame.settings.get(_SETTINGS_HEADER_TABLE_SIZE)
-                if size is not None:
-                    other.decoder.max_allowed_table_size = size
-                max_frame = frame.settings.get(_SETTINGS_MAX_FRAME_SIZE)
-                if max_frame is not None:
-                    other.max_frame = max(other.max_frame, max_frame)
+                self._apply_settings(self._server if d.from_client else self._client,
+                                     frame.settings)
         elif isinstance(frame, GoAwayFrame) and not d.from_client:
             for sid, stream in self._streams.items():
                 if sid > frame.last_stream_id and not stream.flow.finished:
@@ -245,6 +244,24 @@ class Http2Observer:
                         stream.flow,
                         error=f"refused by GOAWAY: {error_name(frame.error_code)}",
                     )
+
+    def _apply_settings(self, other: _Direction, settings: dict[int, int]) -> None:
+        size = settings.get(_SETTINGS_HEADER_TABLE_SIZE)
+        if size is not None:
+            other.decoder.max_allowed_table_size = size
+        max_frame = settings.get(_SETTINGS_MAX_FRAME_SIZE)
+        if max_frame is not None:
+            other.max_frame = max(other.max_frame, max_frame)
+
+    def _client_settings(self, value: str) -> None:
+        """The client's SETTINGS of an h2c upgrade, sent in its HTTP2-Settings header (base64url
+        of the frame's payload) rather than in a frame."""
+        try:
+            payload = base64.urlsafe_b64decode(value.strip() + "=" * (-len(value.strip()) % 4))
+        except ValueError:
+            return
+        settings = dict(struct.iter_unpack(">HI", payload[: len(payload) // 6 * 6]))
+        self._apply_settings(self._server, settings)
 
     # -- streams ------------------------------------------------------------------------------
 

@@ -19,7 +19,15 @@ from engine.capture import Capture, CaptureOptions
 from engine.flow import EventKind, FlowBus, FlowEvent, FlowState
 from engine.runstatus import RunStatus
 from tests import servers, tls_servers
-from tests.conftest import HOST, ROOT, client, run_measuring_peak_rss, run_tapui, tapui_command
+from tests.conftest import (
+    HOST,
+    ROOT,
+    client,
+    need,
+    run_measuring_peak_rss,
+    run_tapui,
+    tapui_command,
+)
 
 pytestmark = pytest.mark.usefixtures("sandbox")
 PY = sys.executable
@@ -238,18 +246,20 @@ def test_h2c_is_decoded_when_the_server_speaks_first(
         (f"http://{HOST}:{server.port}/hello", 200, "HTTP/2")], flows
 
 
-def test_an_upgrade_to_h2c_is_decoded_as_http2(pool: bytes, tmp_path: Path) -> None:
-    """curl --http2 on an http:// URL asks for h2c with an HTTP/1.1 Upgrade (so does Java's
-    HttpClient): the request is answered on stream 1, in HTTP/2, and decoded as such."""
+@pytest.mark.parametrize("app", ["curl", "java"])
+def test_an_upgrade_to_h2c_is_decoded_as_http2(app: str, pool: bytes, tmp_path: Path) -> None:
+    """curl --http2 and Java's HttpClient ask for h2c on an http:// URL with an HTTP/1.1
+    Upgrade (Java's with its own HTTP2-Settings): the request is answered on stream 1, in
+    HTTP/2, and decoded as such."""
+    need(app)
     jsonl = tmp_path / "flows.jsonl"
     with tls_servers.running_h2(trustme.CA(), pool, tls=False) as server:
         url = f"http://{HOST}:{server.port}"
-        result = run_tapui(
-            "--no-ui", "-q", "--no-save", "--jsonl", str(jsonl), "--",
-            "curl", "-sS", "--http2", "-w", " %{http_version}", f"{url}/hello",
-        )
+        command = (["curl", "-sS", "--http2", "-w", "%{http_version}", f"{url}/hello"]
+                   if app == "curl" else ["java", client("Fetch.java"), f"{url}/hello"])
+        result = run_tapui("--no-ui", "-q", "--no-save", "--jsonl", str(jsonl), "--", *command)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "hello over h2\n 2"
+    assert result.stdout == ("hello over h2\n2" if app == "curl" else "200 HTTP_2 hello over h2\n")
     http = [f for f in map(json.loads, jsonl.read_text().splitlines()) if f["kind"] == "http"]
     assert [(f["url"], f["status"], f["http_version"], f["error"]) for f in http] == [
         (f"{url}/hello", 200, "HTTP/2", None)], http
