@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -467,12 +468,7 @@ class Http1Observer:
         self._ws_client = FrameParser(self._ws_message(True), deflate, self.body_cap)
         self._ws_server = FrameParser(self._ws_message(False), deflate, self.body_cap)
         self.bus.update(flow)
-        client_rest = self._client_buf.maybe_extract_at_most(len(self._client_buf))
-        server_rest = self._server_buf.maybe_extract_at_most(len(self._server_buf))
-        if client_rest:
-            self._ws_client.feed(bytes(client_rest))
-        if server_rest:
-            self._ws_server.feed(bytes(server_rest))
+        self._hand_over(self._ws_client.feed, self._ws_server.feed)
 
     def _to_h2c(self, flow: Flow) -> None:
         """HTTP/1.1 upgraded to HTTP/2 over plain TCP (RFC 7540 3.2, as curl --http2 and Java's
@@ -484,12 +480,16 @@ class Http1Observer:
         flow.response = None  # (the 101: the answer comes on stream 1)
         flow.state = FlowState.REQUEST
         self._h2 = Http2Observer(self.conn, self.bus, self.scheme, self.body_cap, upgraded=flow)
+        self._hand_over(self._h2.client_data, self._h2.server_data)
+
+    def _hand_over(self, client: Callable[[bytes], None], server: Callable[[bytes], None]) -> None:
+        """What each side sent past the switch, to the protocol's own decoder."""
         client_rest = self._client_buf.maybe_extract_at_most(len(self._client_buf))
         server_rest = self._server_buf.maybe_extract_at_most(len(self._server_buf))
         if client_rest:
-            self._h2.client_data(bytes(client_rest))
+            client(bytes(client_rest))
         if server_rest:
-            self._h2.server_data(bytes(server_rest))
+            server(bytes(server_rest))
 
     def _ws_message(self, from_client: bool):  # noqa: ANN202
         def on_message(opcode: int, payload: bytes, timestamp: float) -> None:
