@@ -9,9 +9,9 @@ latency tapui adds per new connection.
 
 With the plain figures it prints a bare relay's (bench/bare_relay.py: a recv/send loop between
 two loopback sockets, no sandbox, no decoding) against direct: about the most any relay, tapui
-included, can reach on the machine at hand. With the HTTPS figures it prints the TLS work tapui does for a download done alone (decrypt,
-encrypt again, in memory, on one core), as a ratio to the direct download: a ceiling for
-tapui's HTTPS relay on the machine at hand.
+included, can reach on the machine at hand. With the HTTPS figures it prints the TLS work
+tapui does for a download done alone (decrypt, encrypt again, in memory, on one core), as a
+ratio to the direct download: a ceiling for tapui's HTTPS relay on the machine at hand.
 
 Each throughput figure is the median of --repeat transfers; latencies are p50/p90 over
 --connections sequential connections, dialled by address (no DNS lookup is timed). Direct and

@@ -538,7 +538,9 @@ class Http1Observer:
 def not_an_http1_answer(data: bytes | bytearray) -> str:
     """What to say of a server's answer that does not begin with an HTTP/1 status line (h11
     calls it an "illegal request line", whichever side sent it)."""
-    if len(data) >= 9 and data[3] == 0x04 and data[5:9] == b"\0\0\0\0":  # SETTINGS, stream 0
+    from engine.http2 import looks_like_h2_settings  # (it builds on this module)
+
+    if looks_like_h2_settings(data):
         return "the server answered in HTTP/2 frames, not HTTP/1 (it does not heed ALPN)"
     return f"the server's answer does not begin with an HTTP/1 status line: {bytes(data[:24])!r}"
 

@@ -256,8 +256,9 @@ class Http2Observer:
     def _client_settings(self, value: str) -> None:
         """The client's SETTINGS of an h2c upgrade, sent in its HTTP2-Settings header (base64url
         of the frame's payload) rather than in a frame."""
+        value = value.strip()
         try:
-            payload = base64.urlsafe_b64decode(value.strip() + "=" * (-len(value.strip()) % 4))
+            payload = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         except ValueError:
             return
         settings = dict(struct.iter_unpack(">HI", payload[: len(payload) // 6 * 6]))

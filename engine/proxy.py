@@ -410,10 +410,15 @@ class Relay:
             self._upstream_send(self.tls_up.output())
         elif self.upstream is not None:
             self.upstream.writelines(parts)
+        self._decode(parts, from_client=True)
+
+    def _decode(self, parts: list[bytes] | list[memoryview], from_client: bool) -> None:
+        """What was relayed, to the decoder a part at a time (it may fail on any part)."""
         for part in parts:
-            if self.observer is None:  # (none, or it failed on an earlier part)
+            observer = self.observer
+            if observer is None:  # (none, or it failed on an earlier part)
                 break
-            self._observe(self.observer.client_data, part)
+            self._observe(observer.client_data if from_client else observer.server_data, part)
 
     def _observe(self, method, data: bytes) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -473,10 +478,7 @@ class Relay:
         if data:
             self._to_upstream([data])
         early, self.early_server = self.early_server, []
-        for part in early:  # (relayed already: decoded now, after the app's first bytes)
-            if self.observer is None:
-                break
-            self._observe(self.observer.server_data, part)
+        self._decode(early, from_client=False)  # (relayed already, decoded after the app's)
         if self.app_eof_seen:
             self._upstream_write_eof()
 
@@ -759,10 +761,7 @@ class Relay:
         else:
             for part in parts:
                 self.app.write(part)
-        for part in parts:
-            if self.observer is None:  # (none, or it failed on an earlier part)
-                break
-            self._observe(self.observer.server_data, part)
+        self._decode(parts, from_client=False)
         if self.mode == "plain" and self.observer is not None and self.observer.tunnel:
             self._enter_tunnel()  # an HTTP proxy's CONNECT, or a SOCKS proxy's, was granted
 

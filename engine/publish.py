@@ -2,9 +2,10 @@
 
 `--publish 9000:8000` makes tapui listen on the host's loopback (127.0.0.1 and ::1) at port
 9000 (`--publish 0.0.0.0:9000:8000`: on the address given); each connection accepted there is
-dialled to port 8000 on the sandbox's own loopback by the sandbox's agent (`engine.sandbox_agent`), which hands tapui the connected socket. The two
-sockets are then relayed like any connection the app makes, so the exchanges coming in are
-decoded and shown too (TLS is relayed untouched: the host's client does not trust tapui's CA).
+dialled to port 8000 on the sandbox's own loopback by the sandbox's agent
+(`engine.sandbox_agent`), which hands tapui the connected socket. The two sockets are then
+relayed like any connection the app makes, so the exchanges coming in are decoded and shown
+too (TLS is relayed untouched: the host's client does not trust tapui's CA).
 
 `InboundConnection` stands in for the userspace stack's TcpConnection as the relay's app
 side; `InboundRelay` dials through the agent instead of the host's network.

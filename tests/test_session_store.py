@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -131,58 +133,57 @@ def test_live_session_follows_the_writer(tmp_path: Path) -> None:
     store.close()
 
 
-def test_rows_committed_while_the_view_is_read_are_listed_next_time(tmp_path: Path) -> None:
-    """The writer may commit between the store's reading of new rows and of where the rows
-    still to watch begin: those rows must still come into the view on the next drain (they
-    never did, and the UI's list stayed empty under "0/3 flows")."""
-    rnd = random.Random(7)
+@contextmanager
+def a_commit_while_the_view_is_read(
+    tmp_path: Path, seed: int, *, before: bool
+) -> Iterator[tuple[SessionStore, list[bool]]]:
+    """A session of one flow and a store on it; the writer commits two more flows once, while
+    the store reads the view's rows: just `before` that read, or just after it. The list says
+    whether it has happened."""
+    rnd = random.Random(seed)
     writer = SessionWriter(tmp_path / "race.tapui", ["x"])
     store = SessionStore(writer.path)
     writer.add([make_flow(rnd)])
     writer.flush()
-    committed_during_read = False
+    committed = [False]
     query = store._query
 
-    def query_then_commit(sql: str, params=()):  # type: ignore[no-untyped-def]
-        nonlocal committed_during_read
-        rows = query(sql, params)
-        if sql.startswith("SELECT f.id FROM flows f WHERE f.id >= ?") and not committed_during_read:
-            committed_during_read = True
+    def commit(now: bool) -> None:
+        if now and not committed[0]:
+            committed[0] = True
             writer.add([make_flow(rnd), make_flow(rnd)])
             writer.flush()  # committed
+
+    def query_and_commit(sql: str, params=()):  # type: ignore[no-untyped-def]
+        reading_the_view = sql.startswith("SELECT f.id FROM flows f WHERE f.id >= ?")
+        commit(reading_the_view and before)
+        rows = query(sql, params)
+        commit(reading_the_view and not before)
         return rows
 
-    store._query = query_then_commit  # type: ignore[method-assign]
-    assert store.drain()
-    assert committed_during_read
-    store.drain()
-    assert len(store) == 3 and store.view_len == 3
-    writer.close()
-    store.close()
+    store._query = query_and_commit  # type: ignore[method-assign]
+    try:
+        yield store, committed
+    finally:
+        writer.close()
+        store.close()
+
+
+def test_rows_committed_while_the_view_is_read_are_listed_next_time(tmp_path: Path) -> None:
+    """The writer may commit between the store's reading of new rows and of where the rows
+    still to watch begin: those rows must still come into the view on the next drain (they
+    never did, and the UI's list stayed empty under "0/3 flows")."""
+    with a_commit_while_the_view_is_read(tmp_path, 7, before=False) as (store, committed):
+        assert store.drain()
+        assert committed[0]
+        store.drain()
+        assert len(store) == 3 and store.view_len == 3
 
 
 def test_the_count_takes_in_every_listed_row(tmp_path: Path) -> None:
     """A commit while the store reads the view must not leave more rows listed than counted
     (the status bar showed "3/0 flows")."""
-    rnd = random.Random(8)
-    writer = SessionWriter(tmp_path / "count.tapui", ["x"])
-    store = SessionStore(writer.path)
-    writer.add([make_flow(rnd)])
-    writer.flush()
-    committed = False
-    query = store._query
-
-    def commit_first(sql: str, params=()):  # type: ignore[no-untyped-def]
-        nonlocal committed
-        if sql.startswith("SELECT f.id FROM flows f WHERE f.id >= ?") and not committed:
-            committed = True
-            writer.add([make_flow(rnd), make_flow(rnd)])
-            writer.flush()  # committed just before the view's rows are read
-        return query(sql, params)
-
-    store._query = commit_first  # type: ignore[method-assign]
-    assert store.drain()
-    assert committed
-    assert store.view_len == 3 and len(store) == 3
-    writer.close()
-    store.close()
+    with a_commit_while_the_view_is_read(tmp_path, 8, before=True) as (store, committed):
+        assert store.drain()
+        assert committed[0]
+        assert store.view_len == 3 and len(store) == 3

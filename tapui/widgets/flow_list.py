@@ -50,9 +50,9 @@ def clock(ts: float) -> str:
 def short_type(flow: Flow) -> str:
     if flow.response is None:
         return ""
-    failed = grpc.grpc_status(flow.response)
-    if failed is not None and failed[0]:
-        return f"grpc {failed[1]}"  # an RPC that failed (its HTTP status is still 200)
+    status = grpc.grpc_status(flow.response)
+    if status is not None and status[0]:
+        return f"grpc {status[1]}"  # an RPC that failed (its HTTP status is still 200)
     value = header(flow.response.headers, "content-type") or ""
     value = value.split(";", 1)[0].strip()
     return value.removeprefix("application/")
