@@ -162,13 +162,13 @@ def test_a_bad_publish_spec_is_a_usage_error(spec: str) -> None:
 def test_tls_to_a_published_port_is_relayed_untouched(tmp_path: Path) -> None:
     """The host's client does not trust tapui's CA: it must meet the server's own certificate."""
     ca = trustme.CA()
-    cert = ca.issue_cert("localhost")
+    cert = ca.issue_cert("127.0.0.1")  # (dialled by address: no name is looked up)
     cert.private_key_and_cert_chain_pem.write_to_path(tmp_path / "server.pem")
     ca.cert_pem.write_to_path(tmp_path / "ca.pem")
     pem = str(tmp_path / "server.pem")
     with published(tmp_path, "http", pem, pem) as pub:
         result = curl("--cacert", str(tmp_path / "ca.pem"),
-                      f"https://localhost:{pub.host_port}/hello")
+                      f"https://127.0.0.1:{pub.host_port}/hello")
         assert (result.returncode, result.stdout) == (0, "hello from the host\n"), result.stderr
         flows = pub.flows(1)
     assert [(f["kind"], f["inbound"], f["error"]) for f in flows] == [("tcp", True, None)]
