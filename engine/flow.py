@@ -266,6 +266,27 @@ class Flow:
         return self.timings.done - self.timings.start
 
 
+def cut_short(flow: Flow, of_request: bool = False) -> tuple[int, int] | None:
+    """(bytes that came, bytes its Content-Length promised) when a finished flow's response
+    body (or request body) ended short of its length: a side gave up or the connection broke
+    midway. None when the body is whole, has no length, or has none by definition (HEAD, 1xx,
+    204, 304)."""
+    request, response = flow.request, flow.response
+    message = request if of_request else response
+    if message is None or request is None or not flow.finished:
+        return None
+    if not of_request and (
+        request.method == "HEAD" or response.status in (204, 304) or response.status < 200  # type: ignore[union-attr]
+    ):
+        return None
+    try:
+        promised = int(header(message.headers, "content-length") or "")
+    except ValueError:
+        return None
+    came = message.body.size
+    return (came, promised) if came < promised else None
+
+
 class EventKind(StrEnum):
     NEW = "new"
     UPDATE = "update"  # headers arrived, body progress, messages

@@ -8,7 +8,7 @@ import time
 from typing import TextIO
 
 from engine import grpc
-from engine.flow import ConnectionSummary, EventKind, Flow, FlowEvent, FlowKind
+from engine.flow import ConnectionSummary, EventKind, Flow, FlowEvent, FlowKind, cut_short
 
 _RESET = "\x1b[0m"
 _DIM = "\x1b[2m"
@@ -47,7 +47,11 @@ def exchange_line(flow: Flow, colour: bool) -> str:
         if colour:
             status = _STATUS_COLOURS.get(resp.status // 100, "") + status + _RESET
     parts.append(status or "---")
-    parts.append(human_size(resp.body.size if resp is not None else 0))
+    size = human_size(resp.body.size if resp is not None else 0)
+    short = cut_short(flow)
+    if short is not None:  # e.g. "208.0 KiB of 1.0 MiB": the rest never came
+        size += f" of {human_size(short[1])}"
+    parts.append(size)
     parts.append(human_duration(flow.duration))
     parts.append((resp.http_version if resp is not None else req.http_version) or "")
     if flow.kind == FlowKind.WEBSOCKET:

@@ -180,6 +180,15 @@ def test_malformed_http1_is_relayed_unchanged_and_marked(canned: CannedServer, p
     assert any(f["error"] for f in flows), flows
 
 
+def test_a_response_cut_short_says_how_much_of_it_came(canned: CannedServer) -> None:
+    result = run_tapui(
+        "--no-ui", "--", PY, client("rawclient.py"), HOST, str(canned.port), "http1", "/truncated"
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "GET " in line]
+    assert " 200 10 B of 100 B " in line, line
+
+
 def test_garbage_http2_frame_is_relayed_unchanged_and_marked(canned: CannedServer, tmp_path: Path) -> None:
     jsonl = tmp_path / "flows.jsonl"
     result = run_tapui(

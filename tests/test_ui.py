@@ -436,6 +436,24 @@ async def test_detail_binary_and_large_bodies_page() -> None:
         assert view.pages == 4
 
 
+@asynctest
+async def test_detail_says_when_a_body_was_cut_short() -> None:
+    flows = [
+        make_flow(1, response_headers=[("Content-Length", "1000")], response_body=b"x" * 300,
+                  error="app reset the connection"),
+        make_flow(2, method="HEAD", response_headers=[("Content-Length", "1000")]),
+    ]
+    app = TapuiApp(flows=flows)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("enter", "2")
+        view = app.screen.query_one("#response-view")
+        assert any("cut short: 300 of 1,000 bytes came" in line.plain for line in view.lines)
+        assert "300b of 1000b" in str(app.screen.query_one("#detail-summary").render())
+        await pilot.press("q", "j", "enter", "2")  # a HEAD answer has no body to fall short
+        view = app.screen.query_one("#response-view")
+        assert not any("cut short" in line.plain for line in view.lines)
+
+
 # --- copy, export, open -----------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ class BodyView(ScrollView, can_focus=True):
         self.head: list[Text] = []
         self.decoded: Decoded | None = None
         self.content_type: str | None = None
+        self.note: str | None = None
         self.page = 0
         self.pages = 1
         self.lines: list[Text] = []
@@ -47,14 +48,17 @@ class BodyView(ScrollView, can_focus=True):
         """Show plain lines, no body."""
         self.head = []
         self.decoded = None
+        self.note = None
         self._set_lines(lines)
 
     def show_message(self, head: list[Text], headers: Headers, body: Body | None,
-                     keep_page: bool = False) -> None:
-        """Show header lines and a body, decoded from its Content-Encoding."""
+                     keep_page: bool = False, note: str | None = None) -> None:
+        """Show header lines and a body, decoded from its Content-Encoding; `note` is said
+        above the body (e.g. that it was cut short)."""
         self.head = head
         self.content_type = header(headers, "content-type")
         self.decoded = decode(body, headers) if body is not None else None
+        self.note = note
         if not keep_page:
             self.page = 0
         self._render_page()
@@ -72,7 +76,7 @@ class BodyView(ScrollView, can_focus=True):
         if self.decoded is not None:
             page = format_body(self.decoded.data, self.content_type, self.page, self.page_size)
             self.page, self.pages = page.page, page.pages
-            info = []
+            info = [self.note] if self.note else []
             if self.decoded.note:
                 info.append(self.decoded.note)
             if page.pages > 1:

@@ -10,7 +10,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
 from engine import grpc
-from engine.flow import Flow, Headers, WebSocketMessage
+from engine.flow import Flow, Headers, WebSocketMessage, cut_short
 from tapui.widgets.body_format import printable
 from tapui.widgets.body_view import BodyView
 from tapui.widgets.connection_view import ConnectionView
@@ -42,7 +42,11 @@ def summary(flow: Flow) -> Text:
     if response is not None:
         style = "green" if response.status < 400 else "red"
         text.append(f"  → {response.status} {response.reason}", style=f"bold {style}")
-        text.append(f"  {human_size(response.body.size)}")
+        size = human_size(response.body.size)
+        short = cut_short(flow)
+        if short is not None:
+            size += f" of {human_size(short[1])}"
+        text.append(f"  {size}")
         failed = grpc.failure(response)
         if failed:
             text.append(f"  ✗ grpc {failed}", style="bold red")
@@ -50,6 +54,14 @@ def summary(flow: Flow) -> Text:
         text.append(f"  ✗ {flow.error}", style="bold red")
     text.append(f"  {human_duration(flow.duration)}", style="dim")
     return text
+
+
+def short_note(flow: Flow, of_request: bool = False) -> str | None:
+    """What is said above a body that ended short of its Content-Length."""
+    short = cut_short(flow, of_request)
+    if short is None:
+        return None
+    return f"cut short: {short[0]:,} of {short[1]:,} bytes came"
 
 
 def websocket_lines(messages: list[WebSocketMessage]) -> list[Text]:
@@ -154,7 +166,8 @@ class FlowDetail(Screen):
             if request.trailers:
                 head += [Text("trailers:", style="dim"), *header_lines(request.trailers)]
             head.append(Text(""))
-            request_view.show_message(head, request.headers, request.body, keep_page=keep)
+            request_view.show_message(head, request.headers, request.body, keep_page=keep,
+                                      note=short_note(flow, of_request=True))
         response_view = self.query_one("#response-view", BodyView)
         response = flow.response
         if response is None:
@@ -168,7 +181,8 @@ class FlowDetail(Screen):
             if response.trailers:
                 head += [Text("trailers:", style="dim"), *header_lines(response.trailers)]
             head.append(Text(""))
-            response_view.show_message(head, response.headers, response.body, keep_page=keep)
+            response_view.show_message(head, response.headers, response.body, keep_page=keep,
+                                       note=short_note(flow))
         self.query_one("#timing-view", TimingView).show_flow(flow)
         self.query_one("#connection-view", ConnectionView).show_flow(flow)
         if self._has_websocket() and self.query("#websocket-view"):
