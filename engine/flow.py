@@ -334,6 +334,11 @@ class FlowBus:
     def done(self, flow: Flow, error: str | None = None) -> None:
         if error is not None:
             flow.error = error
+        response = flow.response
+        if response is not None and not response.trailers and response.body.size:
+            from engine.grpc import web_trailers  # (engine.grpc imports this module)
+
+            response.trailers = web_trailers(response)  # gRPC-Web's, from the body's end
         flow.state = FlowState.ERROR if flow.error else FlowState.DONE
         if flow.timings.done is None:
             flow.timings.done = time.time()

@@ -8,7 +8,6 @@ YAML-like, so that it highlights as YAML.
 
 from __future__ import annotations
 
-import base64
 import functools
 import gzip
 import json
@@ -20,14 +19,13 @@ from typing import Any
 import blackboxprotobuf
 from blackboxprotobuf.lib.exceptions import BlackboxProtobufException
 
+from engine import grpc
+from engine.grpc import GRPC_TEXT_TYPES, from_base64
+
 PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf",
                   "application/vnd.google.protobuf", "application/x-google-protobuf")
 GRPC_TYPES = ("application/grpc", "application/grpc+proto", "application/grpc-web",
               "application/grpc-web+proto")
-#: gRPC-Web for browsers that cannot send binary: the same frames, in base64.
-GRPC_TEXT_TYPES = ("application/grpc-web-text", "application/grpc-web-text+proto")
-GRPC_WEB_TRAILERS = 0x80  # gRPC-Web: the frame holds the trailers, as HTTP/1 header lines
-GRPC_COMPRESSED = 0x01
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 #: Protobuf bytes decoded per body at most: the decoder guesses its way through nested
 #: fields at some 160 KB/s at worst here (0.2 s for 32 KiB), and the body pane waits for it.
@@ -45,46 +43,23 @@ def body_text(data: bytes, media_type: str) -> str | None:
     if media_type in GRPC_TYPES:
         return grpc_text(data)
     if media_type in GRPC_TEXT_TYPES:
-        try:  # (each message may be base64 on its own, padding and all)
-            frames = b"".join(base64.b64decode(part + b"=" * (-len(part) % 4), validate=True)
-                              for part in re.findall(rb"[A-Za-z0-9+/]+=*", data))
-        except ValueError:
-            return None
-        return grpc_text(frames)
+        frames = from_base64(data)
+        return grpc_text(frames) if frames is not None else None
     return message_text(data)
 
 
-def grpc_frames(data: bytes) -> tuple[list[tuple[int, bytes]], int] | None:
-    """(flags, message) for each length-prefixed frame, and how many bytes a cut-off last
-    frame lacks (0 when whole); None if the bytes are not gRPC framing."""
-    frames: list[tuple[int, bytes]] = []
-    offset = 0
-    while offset < len(data):
-        if len(data) - offset < 5:
-            return None
-        flags, length = struct.unpack_from(">BI", data, offset)
-        if flags & ~(GRPC_WEB_TRAILERS | GRPC_COMPRESSED):
-            return None
-        message = data[offset + 5 : offset + 5 + length]
-        frames.append((flags, message))
-        offset += 5 + length
-        if len(message) < length:
-            return frames, length - len(message)
-    return frames, 0
-
-
 def grpc_text(data: bytes) -> str | None:
-    parsed = grpc_frames(data)
+    parsed = grpc.frames(data)
     if parsed is None or not parsed[0]:
         return None
     frames, missing = parsed
-    count = sum(1 for flags, _ in frames if not flags & GRPC_WEB_TRAILERS)
+    count = sum(1 for flags, _ in frames if not flags & grpc.WEB_TRAILERS)
     out: list[str] = []
     number = 0
     budget = DECODE_BUDGET
     for index, (flags, message) in enumerate(frames, 1):
         cut = missing if index == len(frames) else 0
-        if flags & GRPC_WEB_TRAILERS:
+        if flags & grpc.WEB_TRAILERS:
             more = f", {cut:,} more not kept" if cut else ""
             out.append(f"# trailers ({len(message):,} bytes{more})")
             out.extend(message.decode("utf-8", "replace").strip().splitlines())
@@ -94,7 +69,7 @@ def grpc_text(data: bytes) -> str | None:
         if cut:
             out.append(f"{head} ({cut:,} more not kept: not decoded)")
             continue
-        if flags & GRPC_COMPRESSED:
+        if flags & grpc.COMPRESSED:
             inflated = _inflate(message)
             if inflated is None:
                 out.append(f"{head}, compressed (grpc-encoding) in a way tapui does not read")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import random
@@ -320,9 +321,27 @@ class RecordingHTTPHandler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(length)
         self._record(body)
+        if self.path.startswith("/grpc-web/"):
+            self._reply(200, *grpc_web_answer(self.path.rsplit("/", 1)[1]))
+            return
         self._reply(200, hashlib.sha256(body).hexdigest().encode())
 
     do_PUT = do_POST
+
+
+def grpc_web_answer(name: str) -> tuple[bytes, str]:
+    """A gRPC-Web response body: a message, then the trailers as the body's last frame
+    (flag 0x80); `name` "fail" ends the RPC with NOT_FOUND, "text" answers in base64."""
+    message = b"\x0a\x02hi"
+    if name == "fail":
+        trailers = b"grpc-status: 5\r\ngrpc-message: no%20such%20user\r\n"
+    else:
+        trailers = b"grpc-status: 0\r\n"
+    body = (b"\x00" + len(message).to_bytes(4, "big") + message
+            + b"\x80" + len(trailers).to_bytes(4, "big") + trailers)
+    if name == "text":
+        return base64.b64encode(body), "application/grpc-web-text"
+    return body, "application/grpc-web+proto"
 
 
 def http_server(

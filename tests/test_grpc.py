@@ -13,6 +13,8 @@ import pytest
 import trustme
 
 from engine.har import load_har
+from engine.session_db import SessionDB
+from engine.sqlfilter import compile_expr
 from tapui.widgets.body_format import format_body
 from tapui.widgets.flow_detail import summary
 from tapui.widgets.flow_list import cells, row_class
@@ -106,3 +108,37 @@ def test_a_failed_rpc_shows_its_grpc_status(grpc_ports: dict[str, int], tmp_path
     [flow] = [f for f in load_har(har) if f.request is not None]
     assert cells(flow)["type"] == "grpc NOT_FOUND" and row_class(flow) == "error"
     assert "  → 200   0b  ✗ grpc NOT_FOUND: no such name: nobody  " in summary(flow).plain
+
+
+@pytest.mark.parametrize(("call", "status"), [("fail", "NOT_FOUND"), ("ok", None), ("text", None)])
+def test_a_grpc_web_status_is_read_from_the_end_of_its_body(
+    http_port: int, tmp_path: Path, call: str, status: str | None
+) -> None:
+    """gRPC-Web carries its trailers in the body's last frame: they become the flow's trailers,
+    so a failed call shows as failed in the line, the HAR and a session file's ~e."""
+    har, session = tmp_path / "s.har", tmp_path / "s.tapui"
+    request = tmp_path / "request"
+    request.write_bytes(b"\x00\x00\x00\x00\x04\x0a\x02me")  # one gRPC-Web message
+    result = run_tapui(
+        "--no-ui", "--har", str(har), "--save", str(session), "--",
+        "curl", "-sS", "-o", "/dev/null", "--data-binary", f"@{request}",
+        "-H", "content-type: application/grpc-web+proto",
+        f"http://{HOST}:{http_port}/grpc-web/{call}",
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "/grpc-web/" in line]
+    [flow] = [f for f in load_har(har) if f.request is not None]
+    db = SessionDB(session)
+    try:
+        where = compile_expr("~e")
+        errors = db.conn.execute(f"SELECT count(*) FROM flows f WHERE {where.where}",
+                                 where.params).fetchone()[0]
+    finally:
+        db.close()
+    if status is None:
+        assert line.endswith(" HTTP/1.1") and errors == 0, line  # no "grpc NAME" at its end
+        assert ("grpc-status", "0") in flow.response.trailers  # type: ignore[union-attr]
+    else:
+        assert line.endswith("grpc NOT_FOUND: no such user"), line
+        assert ("grpc-status", "5") in flow.response.trailers  # type: ignore[union-attr]
+        assert errors == 1
