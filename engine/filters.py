@@ -533,3 +533,55 @@ def parse_tree(expr: str) -> Node:
 def parse(expr: str) -> Filter:
     """Compile a filter expression; an empty expression matches every flow."""
     return build(parse_tree(expr))
+
+
+@dataclass(frozen=True)
+class SearchTerms:
+    """The patterns of a filter that look for text, by the part of a flow they look in: what a
+    view of the flow can mark. Terms under a `!` look for what is absent, so none is taken."""
+
+    request_head: tuple[re.Pattern[str], ...] = ()
+    request_body: tuple[re.Pattern[str], ...] = ()
+    response_head: tuple[re.Pattern[str], ...] = ()
+    response_body: tuple[re.Pattern[str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.request_head or self.request_body or self.response_head
+                    or self.response_body)
+
+
+#: Which parts (request head, request body, response head, response body) each text-searching
+#: operator looks in; a URL is part of the request head.
+_TERM_PARTS: dict[str, tuple[bool, bool, bool, bool]] = {
+    "u": (True, False, False, False),
+    "h": (True, False, True, False),
+    "hq": (True, False, False, False),
+    "hs": (False, False, True, False),
+    "b": (False, True, False, True),
+    "bq": (False, True, False, False),
+    "bs": (False, False, False, True),
+}
+
+
+def search_terms(expr: str) -> SearchTerms:
+    """The text patterns of a filter expression (none when it does not parse)."""
+    try:
+        tree = parse_tree(expr.strip())
+    except FilterError:
+        return SearchTerms()
+    parts: tuple[list[re.Pattern[str]], ...] = ([], [], [], [])
+
+    def walk(node: Node) -> None:
+        if isinstance(node, And | Or):
+            for term in node.terms:
+                walk(term)
+        elif isinstance(node, Text):
+            for part in parts:
+                part.append(_compile(node.value))
+        elif isinstance(node, Op) and node.name in _TERM_PARTS and node.arg:
+            for part, wanted in zip(parts, _TERM_PARTS[node.name], strict=True):
+                if wanted:
+                    part.append(_compile(str(node.arg)))
+
+    walk(tree)
+    return SearchTerms(*(tuple(part) for part in parts))

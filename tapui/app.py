@@ -15,7 +15,7 @@ from textual.screen import Screen
 from textual.widgets import Footer
 
 from engine.curl import CurlError, to_curl
-from engine.filters import FilterError
+from engine.filters import FilterError, search_terms
 from engine.flow import Flow, FlowBus
 from engine.runstatus import CommandState, RunStatus
 from engine.session_store import SessionStore
@@ -208,7 +208,7 @@ class TapuiApp(App[int]):
     def on_open_flow(self, message: OpenFlow) -> None:
         flow = self.store.get(message.flow_id)
         if flow is not None:
-            self.push_screen(FlowDetail(flow))
+            self.push_screen(FlowDetail(flow, search_terms(self.store.filter_expr)))
 
     # --- filter -------------------------------------------------------------------------------
 

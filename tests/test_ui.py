@@ -24,6 +24,7 @@ from engine.store import FlowStore
 from tapui.app import TapuiApp, run_har_viewer
 from tapui.widgets import flow_list as flow_list_module
 from tapui.widgets import status_bar as status_bar_module
+from tapui.widgets.body_view import BodyView
 from tapui.widgets.export_dialog import ExportDialog
 from tapui.widgets.filter_bar import FilterBar
 from tapui.widgets.flow_detail import FlowDetail
@@ -452,6 +453,57 @@ async def test_detail_says_when_a_body_was_cut_short() -> None:
         await pilot.press("q", "j", "enter", "2")  # a HEAD answer has no body to fall short
         view = app.screen.query_one("#response-view")
         assert not any("cut short" in line.plain for line in view.lines)
+
+
+def marked(view: BodyView) -> list[str]:
+    """The text of each marked span in a body view, in order."""
+    style = view.get_component_rich_style("body-view--match", partial=True)
+    return [line.plain[span.start:span.end] for line in view.lines for span in line.spans
+            if span.style == style]
+
+
+@asynctest
+async def test_the_filters_text_is_marked_in_the_flow_it_found() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f", *"lovelace", "enter", "enter", "2")
+        view = app.screen.query_one("#response-view", BodyView)
+        assert marked(view) == ["Lovelace"]  # case ignored, as the filter does
+        assert any("the filter's text in 1 line · n next" in line.plain for line in view.lines)
+        assert marked(app.screen.query_one("#request-view", BodyView)) == []
+        await pilot.press("n")  # the line comes up, as far as the view scrolls
+        assert view.scroll_offset.y == min(view.match_lines[0], view.max_scroll_y) > 0
+
+
+@asynctest
+async def test_n_and_shift_n_move_between_the_marked_lines() -> None:
+    text = "\n".join("a needle" if i in (50, 150) else f"line {i}" for i in range(200))
+    flows = [make_flow(1, response_headers=[("Content-Type", "text/plain")],
+                       response_body=text.encode())]
+    app = TapuiApp(flows=flows)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f", *"needle", "enter", "enter", "2")
+        view = app.screen.query_one("#response-view", BodyView)
+        first, second = view.match_lines
+        await pilot.press("n")
+        assert view.scroll_offset.y == first
+        await pilot.press("n")
+        assert view.scroll_offset.y == second
+        await pilot.press("N")
+        assert view.scroll_offset.y == first
+
+
+@asynctest
+async def test_only_the_parts_an_operator_searches_are_marked() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f", *"~hs cache-control & !~bs nothing-like-this", "enter", "enter")
+        request = app.screen.query_one("#request-view", BodyView)
+        response = app.screen.query_one("#response-view", BodyView)
+        assert marked(request) == []  # ~hs: response headers only; a negated term marks nothing
+        assert marked(response) == ["Cache-Control"]
+        await pilot.press("1", "n")  # nothing to move to: the view stays
+        assert request.scroll_offset.y == 0
 
 
 # --- copy, export, open -----------------------------------------------------------------------

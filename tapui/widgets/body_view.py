@@ -1,9 +1,16 @@
-"""A scrollable, line-API view of a message: a header block followed by one page of its body."""
+"""A scrollable, line-API view of a message: a header block followed by one page of its body.
+
+Text the list's filter searched for is marked where it occurs (`n`/`N` move between the lines
+that have it), so a flow found by a search shows why it was found.
+"""
 
 from __future__ import annotations
 
+import re
+
 from rich.cells import cell_len
 from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
 from textual.geometry import Size
@@ -13,9 +20,24 @@ from textual.strip import Strip
 from engine.flow import Body, Headers, header
 from tapui.widgets.body_format import PAGE_SIZE, Decoded, decode, format_body
 
+Patterns = tuple[re.Pattern[str], ...]
+
+
+def mark_matches(line: Text, patterns: Patterns, style: Style) -> bool:
+    """Style what `patterns` find in `line`; True if they found anything."""
+    found = False
+    for pattern in patterns:
+        for match in pattern.finditer(line.plain):
+            if match.end() > match.start():  # (a pattern may match the empty string)
+                line.stylize(style, match.start(), match.end())
+                found = True
+    return found
+
 
 class BodyView(ScrollView, can_focus=True):
     """Shows `head` lines (request line, headers) then the current page of a decoded body."""
+
+    COMPONENT_CLASSES = {"body-view--match"}
 
     DEFAULT_CSS = """
     BodyView { height: 1fr; }
@@ -28,6 +50,8 @@ class BodyView(ScrollView, can_focus=True):
         Binding("k", "scroll_up", "Up", show=False),
         Binding("g", "scroll_home", "Top", show=False),
         Binding("G", "scroll_end", "Bottom", show=False),
+        Binding("n", "match(1)", "Next match", show=False),
+        Binding("N", "match(-1)", "Previous match", show=False),
     ]
 
     def __init__(self, *, page_size: int = PAGE_SIZE, id: str | None = None) -> None:
@@ -37,6 +61,9 @@ class BodyView(ScrollView, can_focus=True):
         self.decoded: Decoded | None = None
         self.content_type: str | None = None
         self.note: str | None = None
+        self.head_marks: Patterns = ()
+        self.body_marks: Patterns = ()
+        self.match_lines: list[int] = []  # lines with a mark, in order
         self.page = 0
         self.pages = 1
         self.lines: list[Text] = []
@@ -49,13 +76,16 @@ class BodyView(ScrollView, can_focus=True):
         self.head = []
         self.decoded = None
         self.note = None
+        self.head_marks = self.body_marks = ()
         self._set_lines(lines)
 
     def show_message(self, head: list[Text], headers: Headers, body: Body | None,
-                     keep_page: bool = False, note: str | None = None) -> None:
+                     keep_page: bool = False, note: str | None = None,
+                     head_marks: Patterns = (), body_marks: Patterns = ()) -> None:
         """Show header lines and a body, decoded from its Content-Encoding; `note` is said
-        above the body (e.g. that it was cut short)."""
+        above the body (e.g. that it was cut short); what the `marks` find is marked."""
         self.head = head
+        self.head_marks, self.body_marks = head_marks, body_marks
         self.content_type = header(headers, "content-type")
         self.decoded = decode(body, headers) if body is not None else None
         self.note = note
@@ -71,23 +101,47 @@ class BodyView(ScrollView, can_focus=True):
         self._render_page()
         self.scroll_to(y=len(self.head), animate=False)
 
+    def action_match(self, step: int) -> None:
+        """Scroll the next (`step` 1) or previous (-1) line with a mark to the top (as far as
+        the view scrolls); a bell when there is none to move to."""
+        top = self.scroll_offset.y
+        if step > 0:
+            ahead = [y for y in self.match_lines if y > top] if top < self.max_scroll_y else []
+        else:
+            ahead = [y for y in reversed(self.match_lines) if y < top]
+        if not ahead:
+            self.app.bell()
+            return
+        self.scroll_to(y=ahead[0], animate=False)
+
     def _render_page(self) -> None:
-        lines = list(self.head)
+        style = self.get_component_rich_style("body-view--match", partial=True)
+        lines = [line.copy() for line in self.head]
+        matched = [y for y, line in enumerate(lines)
+                   if self.head_marks and mark_matches(line, self.head_marks, style)]
         if self.decoded is not None:
             page = format_body(self.decoded.data, self.content_type, self.page, self.page_size)
             self.page, self.pages = page.page, page.pages
+            body = [line.copy() for line in page.lines]
+            found = [y for y, line in enumerate(body)
+                     if self.body_marks and mark_matches(line, self.body_marks, style)]
             info = [self.note] if self.note else []
             if self.decoded.note:
                 info.append(self.decoded.note)
             if page.pages > 1:
                 info.append(f"page {page.page + 1}/{page.pages} of {len(self.decoded.data):,}"
                             " bytes · ] next page · [ previous page")
+            if found:
+                info.append(f"the filter's text in {len(found):,} line"
+                            f"{'s' if len(found) > 1 else ''} · n next · N previous")
             if info:
                 lines.append(Text("── " + " · ".join(info) + " ──", style="italic dim"))
-            lines.extend(page.lines)
+            matched += [len(lines) + y for y in found]
+            lines.extend(body)
             if page.pages > 1 and page.page + 1 < page.pages:
                 lines.append(Text(f"── more: press ] for page {page.page + 2}/{page.pages} ──",
                                   style="italic dim"))
+        self.match_lines = matched
         self._set_lines(lines)
 
     def _set_lines(self, lines: list[Text]) -> None:

@@ -10,6 +10,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
 from engine import grpc
+from engine.filters import SearchTerms
 from engine.flow import Flow, Headers, WebSocketMessage, cut_short
 from tapui.widgets.body_format import printable
 from tapui.widgets.body_view import BodyView
@@ -112,9 +113,11 @@ class FlowDetail(Screen):
         Binding("tab", "next_tab", "Next tab", show=False),
     ]
 
-    def __init__(self, flow: Flow) -> None:
+    def __init__(self, flow: Flow, terms: SearchTerms | None = None) -> None:
+        """`terms`: what the list's filter searches for, marked in the messages."""
         super().__init__()
         self.flow = flow
+        self.terms = terms or SearchTerms()
         self._signature: tuple = ()
 
     def compose(self) -> ComposeResult:
@@ -167,7 +170,9 @@ class FlowDetail(Screen):
                 head += [Text("trailers:", style="dim"), *header_lines(request.trailers)]
             head.append(Text(""))
             request_view.show_message(head, request.headers, request.body, keep_page=keep,
-                                      note=short_note(flow, of_request=True))
+                                      note=short_note(flow, of_request=True),
+                                      head_marks=self.terms.request_head,
+                                      body_marks=self.terms.request_body)
         response_view = self.query_one("#response-view", BodyView)
         response = flow.response
         if response is None:
@@ -182,7 +187,9 @@ class FlowDetail(Screen):
                 head += [Text("trailers:", style="dim"), *header_lines(response.trailers)]
             head.append(Text(""))
             response_view.show_message(head, response.headers, response.body, keep_page=keep,
-                                       note=short_note(flow))
+                                       note=short_note(flow),
+                                       head_marks=self.terms.response_head,
+                                       body_marks=self.terms.response_body)
         self.query_one("#timing-view", TimingView).show_flow(flow)
         self.query_one("#connection-view", ConnectionView).show_flow(flow)
         if self._has_websocket() and self.query("#websocket-view"):
