@@ -476,6 +476,19 @@ async def test_the_filters_text_is_marked_in_the_flow_it_found() -> None:
 
 
 @asynctest
+async def test_a_body_opens_at_the_first_page_with_the_filters_text() -> None:
+    text = "\n".join(f"line {i}" for i in range(30000)) + "\nthe needle\n"
+    flows = [make_flow(1, response_headers=[("Content-Type", "text/plain")],
+                       response_body=text.encode())]
+    app = TapuiApp(flows=flows)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f", *"needle", "enter", "enter", "2")
+        view = app.screen.query_one("#response-view", BodyView)
+        assert view.pages > 1 and view.page == view.pages - 1
+        assert marked(view) == ["needle"]
+
+
+@asynctest
 async def test_n_and_shift_n_move_between_the_marked_lines() -> None:
     text = "\n".join("a needle" if i in (50, 150) else f"line {i}" for i in range(200))
     flows = [make_flow(1, response_headers=[("Content-Type", "text/plain")],

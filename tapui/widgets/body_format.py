@@ -7,9 +7,11 @@ the same to show as a small one.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 from xml.dom import minidom
@@ -229,23 +231,45 @@ def format_body(data: bytes, content_type: str | None, page: int = 0,
     """Lines for page `page` of a decoded body."""
     if not data:
         return Page([Text("(no body)", style="dim")], 0, 1, "empty")
-    mtype = media_type(content_type)
-    if protobuf_text.handles(mtype):
-        decoded = protobuf_text.body_text(data, mtype)
-        if decoded is not None:
-            return _text_page(printable(decoded), "protobuf", page, page_size)
-    if is_binary(data, content_type):
+    readable = body_text(data, content_type)
+    if readable is None:
         pages = max(1, math.ceil(len(data) / page_size))
         page = min(max(page, 0), pages - 1)
         start = page * page_size
         return Page(hexdump(data[start : start + page_size], start), page, pages, "hex")
+    return _text_page(*readable, page, page_size)
+
+
+@functools.lru_cache(maxsize=2)  # (the open flow's request and response: paged, searched)
+def body_text(data: bytes, content_type: str | None) -> tuple[str, str] | None:
+    """A body as the text its pages show, and the kind of text it is; None for a binary
+    body (shown as a hex dump)."""
+    mtype = media_type(content_type)
+    if protobuf_text.handles(mtype):
+        decoded = protobuf_text.body_text(data, mtype)
+        if decoded is not None:
+            return printable(decoded), "protobuf"
+    if is_binary(data, content_type):
+        return None
     text = data.decode("utf-8", "replace").replace("\r\n", "\n")
-    kind = _kind(media_type(content_type), text)
+    kind = _kind(mtype, text)
     if kind == "multipart":
         text = _multipart(data, content_type) or text
     else:
         text = _pretty(kind, text, content_type)
-    return _text_page(printable(text), kind, page, page_size)
+    return printable(text), kind
+
+
+def first_page_with(data: bytes, content_type: str | None, patterns: Sequence[re.Pattern[str]],
+                    page_size: int = PAGE_SIZE) -> int:
+    """The first page of a body where one of `patterns` finds something (0 if none does)."""
+    readable = body_text(data, content_type) if data else None
+    if readable is None:
+        return 0
+    for number, chunk in enumerate(_split_pages(readable[0], page_size)):
+        if any(pattern.search(chunk) for pattern in patterns):
+            return number
+    return 0
 
 
 def _text_page(text: str, kind: str, page: int, page_size: int) -> Page:

@@ -18,7 +18,13 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from engine.flow import Body, Headers, header
-from tapui.widgets.body_format import PAGE_SIZE, Decoded, decode, format_body
+from tapui.widgets.body_format import (
+    PAGE_SIZE,
+    Decoded,
+    decode,
+    first_page_with,
+    format_body,
+)
 
 Patterns = tuple[re.Pattern[str], ...]
 
@@ -89,8 +95,11 @@ class BodyView(ScrollView, can_focus=True):
         self.content_type = header(headers, "content-type")
         self.decoded = decode(body, headers) if body is not None else None
         self.note = note
-        if not keep_page:
+        if not keep_page:  # the first page, or the first with the filter's text
             self.page = 0
+            if body_marks and self.decoded is not None:
+                self.page = first_page_with(self.decoded.data, self.content_type, body_marks,
+                                            self.page_size)
         self._render_page()
 
     def action_page(self, delta: int) -> None:
