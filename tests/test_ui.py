@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import json
@@ -11,10 +12,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from rich.console import Console
+from textual.pilot import Pilot
 
 from engine.curl import to_curl
 from engine.flow import EventKind, FlowBus, FlowEvent
@@ -475,15 +478,22 @@ async def test_the_filters_text_is_marked_in_the_flow_it_found() -> None:
         assert view.scroll_offset.y == min(view.match_lines[0], view.max_scroll_y) > 0
 
 
-@asynctest
-async def test_a_body_opens_at_the_first_page_with_the_filters_text() -> None:
-    text = "\n".join(f"line {i}" for i in range(30000)) + "\nthe needle\n"
+@contextlib.asynccontextmanager
+async def text_response_found(text: str, expr: str) -> AsyncIterator[tuple[Pilot, BodyView]]:
+    """A flow whose response is `text`, opened at its response from the list filtered by
+    `expr`."""
     flows = [make_flow(1, response_headers=[("Content-Type", "text/plain")],
                        response_body=text.encode())]
     app = TapuiApp(flows=flows)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f", *"needle", "enter", "enter", "2")
-        view = app.screen.query_one("#response-view", BodyView)
+        await pilot.press("f", *expr, "enter", "enter", "2")
+        yield pilot, app.screen.query_one("#response-view", BodyView)
+
+
+@asynctest
+async def test_a_body_opens_at_the_first_page_with_the_filters_text() -> None:
+    text = "\n".join(f"line {i}" for i in range(30000)) + "\nthe needle\n"
+    async with text_response_found(text, "needle") as (_, view):
         assert view.pages > 1 and view.page == view.pages - 1
         assert marked(view) == ["needle"]
 
@@ -491,12 +501,7 @@ async def test_a_body_opens_at_the_first_page_with_the_filters_text() -> None:
 @asynctest
 async def test_n_and_shift_n_move_between_the_marked_lines() -> None:
     text = "\n".join("a needle" if i in (50, 150) else f"line {i}" for i in range(200))
-    flows = [make_flow(1, response_headers=[("Content-Type", "text/plain")],
-                       response_body=text.encode())]
-    app = TapuiApp(flows=flows)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f", *"needle", "enter", "enter", "2")
-        view = app.screen.query_one("#response-view", BodyView)
+    async with text_response_found(text, "needle") as (pilot, view):
         first, second = view.match_lines
         await pilot.press("n")
         assert view.scroll_offset.y == first
