@@ -104,6 +104,8 @@ def _kind(mtype: str, text: str) -> str:
         return "javascript"
     if mtype == "text/css":
         return "css"
+    if mtype == "text/event-stream":
+        return "sse"
     stripped = text.lstrip()[:1]
     if not mtype or mtype == "text/plain":
         if stripped in ("{", "["):
@@ -130,8 +132,10 @@ def _pretty(kind: str, text: str, content_type: str | None) -> str:
     return text
 
 
+#: Server-sent events ("event: x", "data: {...}" lines) read as YAML: field names stand out and
+#: JSON data highlights as a flow mapping.
 _LEXERS = {"json": "json", "xml": "xml", "html": "html", "javascript": "javascript",
-           "css": "css", "form": "yaml", "protobuf": "yaml"}
+           "css": "css", "form": "yaml", "protobuf": "yaml", "sse": "yaml"}
 
 
 def _no_background(style: str | Style) -> str | Style:
