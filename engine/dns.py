@@ -16,6 +16,7 @@ import dns.rdatatype
 import dns.rrset
 
 from engine.addresses import AddressPlan
+from engine.flow import Flow, FlowBus
 
 TTL = 5
 CACHE_MAX = 4096
@@ -105,6 +106,15 @@ class DnsResolver:
         """(name, time asked, time answered) of the last answer that gave `address`."""
         return self.answered.get(address)
 
+
+
+def record_answer(bus: FlowBus | None, flow: Flow, query: bytes, answer: bytes | None) -> None:
+    """Tell of a query tapui answered: its flow names what was asked and says how it went."""
+    if bus is not None:
+        flow.conn.hostname, flow.error = describe_dns(query, answer)
+        flow.bytes_sent, flow.bytes_received = len(query), len(answer or b"")
+        bus.new(flow)
+        bus.done(flow)
 
 
 def describe_dns(query: bytes, answer: bytes | None) -> tuple[str | None, str | None]:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from engine import packets
 from engine.addresses import GATEWAY_V4, GATEWAY_V6, AddressPlan
-from engine.dns import DnsResolver, describe_dns
+from engine.dns import DnsResolver, record_answer
+from engine.dns_tcp import DnsOverTcp
 from engine.flow import Connection, Flow, FlowBus, FlowKind, next_connection_id
 from engine.packets import ACK, RST, SYN
 from engine.procinfo import ProcessFinder
@@ -82,14 +83,15 @@ class UdpFlow(asyncio.DatagramProtocol):
 
 
 def udp_flow(stack: Netstack, src: bytes, sport: int, dst: bytes, dport: int,
-             kind: FlowKind) -> Flow:
-    """A flow for a UDP exchange (relayed datagrams, or a DNS query tapui answered)."""
+             kind: FlowKind, transport: str = "udp") -> Flow:
+    """A flow for a UDP exchange (relayed datagrams, or a DNS query tapui answered; over TCP,
+    with transport "tcp")."""
     server = packets.ip_str(dst)
     named = stack.dns.name_for(server)
     conn = Connection(
         id=next_connection_id(), client=(packets.ip_str(src), sport), server=(server, dport),
         upstream=(stack.plan.upstream_address(server), dport),
-        hostname=named[0] if named else stack.plan.name_of(server), transport="udp",
+        hostname=named[0] if named else stack.plan.name_of(server), transport=transport,
     )
     return Flow(conn=conn, kind=kind)
 
@@ -236,7 +238,10 @@ class Netstack:
             )
             conn.syn_packet = bytes(buf[: 40 + len(pkt.options) + 20])
             self.connections[key] = conn
-            self.on_connection(conn)
+            if pkt.dport == DNS_PORT:  # answered here, as DNS over UDP is
+                DnsOverTcp(conn, self.dns, self.bus, lambda: self._dns_flow(key, "tcp"))
+            else:
+                self.on_connection(conn)
             return
         self._reset_unknown(pkt)
 
@@ -300,18 +305,19 @@ class Netstack:
             self.udp.pop(flow.key, None)
             flow.close(exc.strerror or str(exc))
 
-    async def _dns(self, src: bytes, sport: int, dst: bytes, query: bytes) -> None:
-        flow = udp_flow(self, src, sport, dst, DNS_PORT, FlowKind.DNS)
+    def _dns_flow(self, key: ConnKey, transport: str) -> Flow:
+        """The flow of a DNS query tapui answers, with the process that asked."""
+        flow = udp_flow(self, *key, FlowKind.DNS, transport)
         if self.processes is not None:
             self.processes.lookup(flow.conn)
+        return flow
+
+    async def _dns(self, src: bytes, sport: int, dst: bytes, query: bytes) -> None:
+        flow = self._dns_flow((src, sport, dst, DNS_PORT), "udp")
         answer = await self.dns.answer(query)
         if answer is not None and not self.closed:
             self.write(packets.udp_datagram(dst, src, DNS_PORT, sport, answer))
-        if self.bus is not None:
-            flow.conn.hostname, flow.error = describe_dns(query, answer)
-            flow.bytes_sent, flow.bytes_received = len(query), len(answer or b"")
-            self.bus.new(flow)
-            self.bus.done(flow)
+        record_answer(self.bus, flow, query, answer)
 
     def _reap_udp(self) -> None:
         now = time.monotonic()

@@ -434,6 +434,15 @@ def test_dns_flows_name_the_process_that_asked() -> None:
     assert dns and all(f["pid"] and "netcheck.py resolve" in f["command"] for f in dns), dns
 
 
+def test_dns_over_tcp_is_answered_as_over_udp() -> None:
+    """Resolvers fall back to TCP after a truncated answer; some always use it. Two queries on
+    one connection, each answered and each a DNS flow with its process."""
+    flows = _jsonl_flows(PY, client("netcheck.py"), "dns-over-tcp", HOST)
+    dns = [f for f in flows if f["kind"] == "dns"]
+    assert [f["host"] for f in dns] == [f"{HOST} A", f"{HOST} AAAA"], dns
+    assert all(f["pid"] and "netcheck.py dns-over-tcp" in f["command"] for f in dns), dns
+
+
 def test_relayed_udp_flows_name_their_process(udp_echo: servers.UdpEcho) -> None:
     flows = _jsonl_flows(PY, client("netcheck.py"), "udp", HOST, str(udp_echo.port))
     udp = [f for f in flows if f["kind"] == "udp"]

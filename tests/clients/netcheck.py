@@ -128,6 +128,21 @@ def dns_query(name: str, rdtype: str) -> None:
     print(" ".join(sorted(r.to_text() for r in answer)))
 
 
+def dns_over_tcp(name: str) -> None:
+    """Its A and then its AAAA records, asked over one TCP connection to the resolver."""
+    import dns.message
+    import dns.query
+
+    with open("/etc/resolv.conf") as f:
+        server = next(line.split()[1] for line in f if line.startswith("nameserver"))
+    found = []
+    with socket.create_connection((server, 53), timeout=5) as s:
+        for rdtype in ("A", "AAAA"):
+            answer = dns.query.tcp(dns.message.make_query(name, rdtype), server, sock=s)
+            found += [r.to_text() for rrset in answer.answer for r in rrset]
+    print(" ".join(found))
+
+
 def udp(host: str, port: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
