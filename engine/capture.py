@@ -59,6 +59,17 @@ TRUST_ENV = [
     "AWS_CA_BUNDLE",
     "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",  # gRPC's C core (grpcio, C++, Ruby, PHP)
 ]
+#: The host's resolver services, reachable from the sandbox through their Unix sockets (a
+#: network namespace does not hide those): systemd-resolved's, which glibc's nss-resolve
+#: asks before DNS where nsswitch.conf says `resolve [!UNAVAIL=return] dns` (Fedora's
+#: default) and Bun asks too, and nscd's. They would answer from the host's view, where
+#: host.tapui.internal and --add-host names do not exist. /dev/null over each makes it refuse,
+#: and a refused service is skipped: lookups go on to DNS, which tapui answers.
+HOST_RESOLVER_SOCKETS = [
+    "/run/systemd/resolve/io.systemd.Resolve",
+    "/run/nscd/socket",
+    "/var/run/nscd/socket",
+]
 KEEP_RUNNING_POLL = 0.5
 DRAIN_TIME = 0.5  # seconds at most for the last bytes to be relayed once the command exited
 DRAIN_POLL = 0.005
@@ -78,6 +89,11 @@ def tune_allocator() -> None:
         return
     for option, value in MALLOC_TUNING.items():
         mallopt(option, value)
+
+
+def existing(paths: list[str]) -> list[str]:
+    """The paths that exist, each once, with symbolic links resolved (what a mount covers)."""
+    return list(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.exists(p)))
 
 
 @dataclass
@@ -139,13 +155,7 @@ class Capture:
             raise TapuiError(
                 f"tapui cannot prepare its certificate authority: {exc}", EXIT_INTERNAL
             ) from None
-        seen: set[str] = set()
-        for path in CA_BUNDLE_PATHS:
-            if os.path.exists(path):
-                real = os.path.realpath(path)
-                if real not in seen:
-                    seen.add(real)
-                    mounts.append((str(bundle), real))
+        mounts += [(str(bundle), path) for path in existing(CA_BUNDLE_PATHS)]
         for name in TRUST_ENV:
             env[name] = str(bundle)
         env["NODE_EXTRA_CA_CERTS"] = str(self.ca.cert_path)
@@ -170,6 +180,7 @@ class Capture:
         resolv.write_text(f"nameserver {GATEWAY_V4}\noptions timeout:2 attempts:2\n")
         if os.path.exists("/etc/resolv.conf"):
             mounts.append((str(resolv), os.path.realpath("/etc/resolv.conf")))
+        mounts += [(os.devnull, path) for path in existing(HOST_RESOLVER_SOCKETS)]
         out = self.options.output_fd
         new_session, own_process_group = command_placement(
             to_pty=out is not None, interactive=self.options.interactive)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -441,6 +443,54 @@ def test_dns_over_tcp_is_answered_as_over_udp() -> None:
     dns = [f for f in flows if f["kind"] == "dns"]
     assert [f["host"] for f in dns] == [f"{HOST} A", f"{HOST} AAAA"], dns
     assert all(f["pid"] and "netcheck.py dns-over-tcp" in f["command"] for f in dns), dns
+
+
+RESOLVED_SOCKET = "/run/systemd/resolve/io.systemd.Resolve"
+CONNECT_UNIX = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "try:\n"
+    "    s.connect(sys.argv[1])\n"
+    "    print('connected')\n"
+    "except ConnectionRefusedError:\n"
+    "    print('refused')\n"
+)
+
+
+@pytest.fixture
+def resolved_socket() -> Iterator[str]:
+    """A socket listening where systemd-resolved's is; made (and removed after) when the host
+    has none, which takes root."""
+    if os.path.exists(RESOLVED_SOCKET):
+        yield RESOLVED_SOCKET
+        return
+    if os.geteuid() != 0:
+        pytest.skip("standing in for systemd-resolved's socket takes root")
+    made = [d for d in ("/run/systemd", "/run/systemd/resolve") if not os.path.isdir(d)]
+    for directory in made:
+        os.mkdir(directory)
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(RESOLVED_SOCKET)
+        listener.listen()
+        yield RESOLVED_SOCKET
+    finally:
+        listener.close()
+        os.unlink(RESOLVED_SOCKET)
+        for directory in reversed(made):
+            os.rmdir(directory)
+
+
+def test_the_hosts_resolver_service_is_out_of_the_sandboxs_reach(resolved_socket: str) -> None:
+    """Unix sockets know no network namespace: nss-resolve (Fedora's default) would ask the
+    host's systemd-resolved, which knows neither the host alias nor --add-host names. Refused,
+    it is skipped, and the lookup goes on to tapui's DNS."""
+    outside = subprocess.run([PY, "-c", CONNECT_UNIX, resolved_socket], capture_output=True,
+                             text=True, timeout=30)
+    assert outside.stdout.strip() == "connected", outside.stderr
+    inside = run_tapui("--no-ui", "--", PY, "-c", CONNECT_UNIX, resolved_socket)
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.strip() == "refused"
 
 
 def test_relayed_udp_flows_name_their_process(udp_echo: servers.UdpEcho) -> None:
