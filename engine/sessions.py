@@ -162,10 +162,33 @@ def session_info(path: Path) -> SessionInfo:
     return info
 
 
-def list_sessions(directory: Path | None = None) -> list[SessionInfo]:
+def kept_sessions(directory: Path | None = None) -> list[Path]:
+    """The session files in `directory` (the kept ones by default), the most recently written
+    first. (By the file itself: reading a session touches its -shm file, and listing them
+    must not reorder them.)"""
     directory = directory or sessions_dir()
-    files = sorted(directory.glob(f"*{SUFFIX}"), key=_mtime, reverse=True)
-    return [session_info(p) for p in files]
+    return sorted(directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def list_sessions(directory: Path | None = None) -> list[SessionInfo]:
+    return [session_info(p) for p in kept_sessions(directory)]
+
+
+def session_to_open(which: str | None, directory: Path | None = None) -> str:
+    """What `tapui open` opens: a file; or with a number N (that is not a file's name), the
+    Nth newest kept session, as `tapui sessions` numbers them; with nothing, the newest."""
+    if which is not None and (not which.isdigit() or os.path.exists(which)):
+        return which
+    kept = kept_sessions(directory)
+    number = int(which) if which is not None else 1
+    if not kept:
+        raise SessionError(f"tapui: no sessions kept in {directory or sessions_dir()}: "
+                           "run a command under tapui first, or name a file to open")
+    if not 1 <= number <= len(kept):
+        raise SessionError(f"tapui: {len(kept)} session{'s are' if len(kept) > 1 else ' is'} "
+                           f"kept, numbered 1 (the newest) to {len(kept)} by `tapui sessions`; "
+                           f"there is no session {number}")
+    return str(kept[number - 1])
 
 
 def human_size(n: float) -> str:
@@ -181,15 +204,16 @@ def cmd_sessions(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="tapui sessions",
         description=f"List the sessions tapui kept in {sessions_dir()} (the newest "
-                    f"{KEEP_SESSIONS}). Open one with: tapui open FILE")
+                    f"{KEEP_SESSIONS}), newest first. Open one with: tapui open N (its number "
+                    "here), tapui open FILE, or tapui open (the newest)")
     parser.add_argument("--dir", metavar="DIR", type=Path, help="list this directory instead")
     args = parser.parse_args(argv)
     sessions = list_sessions(args.dir)
     if not sessions:
         print(f"no sessions in {args.dir or sessions_dir()}")
         return 0
-    print(f"{'STARTED':19}  {'FLOWS':>9}  {'SIZE':>7}  {'COMMAND':40}  FILE")
-    for s in sessions:
+    print(f"{'#':>2}  {'STARTED':19}  {'FLOWS':>9}  {'SIZE':>7}  {'COMMAND':40}  FILE")
+    for number, s in enumerate(sessions, 1):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.started)) \
             if s.started else "?"
         command = f"(unreadable: {s.error})" if s.error else shlex.join(s.command)
@@ -197,7 +221,8 @@ def cmd_sessions(argv: list[str]) -> int:
             command += "  [running or interrupted]"
         if len(command) > 40:
             command = command[:39] + "…"
-        print(f"{started:19}  {s.flows:>9,}  {human_size(s.size):>7}  {command:40}  {s.path}")
+        print(f"{number:>2}  {started:19}  {s.flows:>9,}  {human_size(s.size):>7}  {command:40}  "
+              f"{s.path}")
     return 0
 
 

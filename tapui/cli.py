@@ -32,7 +32,8 @@ _EXAMPLES = [
     ("tapui -p 8000 -- python3 -m http.server", "localhost:8000 on the host reaches it"),
     ("tapui open out.har", "browse a saved HAR file"),
     ("tapui open session.tapui", "browse a saved session"),
-    ("tapui sessions", "list the kept sessions"),
+    ("tapui open", "browse the newest kept session (tapui open 2: the one before)"),
+    ("tapui sessions", "list the kept sessions, numbered"),
     ("tapui ca", "where tapui's CA is, and its fingerprint"),
 ]
 _WIDTH = max(len(command) for command, _ in _EXAMPLES) + 3
@@ -75,7 +76,7 @@ def publish_arg(text: str) -> Published:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapui",
-        usage="tapui [options] [--] [COMMAND [ARGS...]]\n       tapui open FILE\n"
+        usage="tapui [options] [--] [COMMAND [ARGS...]]\n       tapui open [FILE | N]\n"
         "       tapui sessions\n       tapui ca [--pem FILE]",
         description=(
             "Run COMMAND in a rootless sandbox and show every HTTP and HTTPS exchange it makes. "
@@ -254,12 +255,16 @@ def cmd_open(argv: list[str]) -> int:
         prog="tapui open", description="Browse a saved session file or a HAR file."
     )
     parser.add_argument(
-        "file", help="a tapui session file, or a HAR file (from tapui, a browser or another tool)"
+        "file", nargs="?",
+        help="a tapui session file, or a HAR file (from tapui, a browser or another tool); a "
+             "number N: the Nth newest kept session, as `tapui sessions` numbers them; none: "
+             "the newest",
     )
     args = parser.parse_args(argv)
+    from engine.sessions import session_to_open
     from tapui.app import run_viewer
 
-    return run_viewer(args.file)
+    return run_viewer(session_to_open(args.file))
 
 
 def cmd_run(argv: list[str]) -> int:

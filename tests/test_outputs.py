@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.sessions import session_to_open
 from tests.conftest import (
     HOST,
     ROOT,
@@ -96,13 +97,25 @@ def test_sessions_lists_runs_and_survives_a_closed_pipe(http_port: int, tmp_path
     listing = run_tapui("sessions", env=env)
     assert listing.returncode == 0, listing.stderr
     rows = [line for line in listing.stdout.splitlines() if "curl -s" in line]
-    assert len(rows) == 3
-    assert all(int(row.split()[2]) >= 3 for row in rows)  # the request, DNS lookups, ...
+    assert [row.split()[0] for row in rows] == ["1", "2", "3"]  # numbered for `tapui open N`
+    assert all(int(row.split()[3]) >= 3 for row in rows)  # the request, DNS lookups, ...
+    newest_first = [row.split()[-1] for row in rows]
+    directory = tmp_path / "tapui" / "sessions"
+    assert session_to_open(None, directory) == newest_first[0]
+    assert session_to_open("2", directory) == newest_first[1]
+    named = run_tapui("open", "4", env=env)
+    assert named.returncode == 2 and "there is no session 4" in named.stderr, named.stderr
     piped = subprocess.run(
         f"{' '.join(tapui_command('sessions'))} | head -1", shell=True, capture_output=True,
         text=True, env=env, cwd=ROOT,
     )
     assert "Traceback" not in piped.stderr
+
+
+def test_open_without_a_file_says_when_no_session_is_kept(tmp_path: Path) -> None:
+    result = run_tapui("open", env=dict(os.environ, XDG_STATE_HOME=str(tmp_path)))
+    assert result.returncode == 2
+    assert result.stderr.startswith("tapui: no sessions kept in "), result.stderr
 
 
 def test_headless_run_says_at_once_when_saving_stops_and_goes_on(
