@@ -60,10 +60,8 @@ def prune_sessions(directory: Path | None = None, keep: int = KEEP_SESSIONS,
                    spare: Path | None = None) -> list[Path]:
     """Delete all but the newest `keep` sessions of the state directory (never `spare`, nor a
     file written in the last minute: another tapui may be running on it)."""
-    directory = directory or sessions_dir()
-    files = sorted(directory.glob(f"*{SUFFIX}"), key=lambda p: _mtime(p), reverse=True)
     removed = []
-    for path in files[keep:]:
+    for path in kept_sessions(directory)[keep:]:
         if path == spare or time.time() - _mtime(path) < 60:
             continue
         for p in file_family(path):
