@@ -91,6 +91,20 @@ def tune_allocator() -> None:
         mallopt(option, value)
 
 
+def raise_fd_limit() -> None:
+    """Each connection the command holds open holds a socket in tapui: let tapui have as many
+    file descriptors as the system allows it (the hard limit; the soft one is often 1,024).
+    The command keeps its own limits: its helper was started before."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # what there is will do
+
+
 def existing(paths: list[str]) -> list[str]:
     """The paths that exist, each once, with symbolic links resolved (what a mount covers)."""
     return list(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.exists(p)))
@@ -212,6 +226,7 @@ class Capture:
     async def run(self) -> int:
         assert self.sandbox is not None and self.tun_fd is not None
         tune_allocator()
+        raise_fd_limit()
         loop = asyncio.get_running_loop()
         self.loop = loop
         sandbox = self.sandbox

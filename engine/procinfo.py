@@ -112,9 +112,16 @@ class ProcessFinder:
             diag.setblocking(False)
 
     def lookup(self, info: Connection) -> None:
-        """Fill in info.pid and info.command, if the app's socket is still open."""
+        """Fill in info.pid and info.command, if the app's socket is still open (and /proc
+        can be read: out of file descriptors, the flow just names no process)."""
         if self.diag is None or info.pid is not None:
             return
+        try:
+            self._lookup(info)
+        except OSError:
+            pass
+
+    def _lookup(self, info: Connection) -> None:
         protocol = socket.IPPROTO_UDP if info.transport == "udp" else socket.IPPROTO_TCP
         inode = socket_inode(self.diag, info.client, info.server, protocol)
         if inode is None:

@@ -268,7 +268,12 @@ class Relay:
         host, port = self.info.upstream  # type: ignore[misc]
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # (SOCK_NONBLOCK spares a system call; TCP_NODELAY: the transport sets it)
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:  # out of file descriptors, most likely: refused, and why
+            self._failed_connect(f"tapui could not open a socket: {exc.strerror or exc}")
+            self.app.refuse()
+            return
         address = (host, port)
         err = sock.connect_ex(address)
         if err == errno.EINPROGRESS:

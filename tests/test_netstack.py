@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -491,6 +492,45 @@ def test_the_hosts_resolver_service_is_out_of_the_sandboxs_reach(resolved_socket
     inside = run_tapui("--no-ui", "--", PY, "-c", CONNECT_UNIX, resolved_socket)
     assert inside.returncode == 0, inside.stderr
     assert inside.stdout.strip() == "refused"
+
+
+def test_a_low_soft_fd_limit_does_not_cap_the_commands_connections(http_port: int) -> None:
+    """A soft limit of 1,024 descriptors is common, and each open connection of the command
+    holds one in tapui: tapui takes the hard limit for itself; the command keeps its own."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1024:
+        pytest.skip("the hard limit of file descriptors here is too low for 300 connections")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    result = run_tapui("--no-ui", "-q", "--no-save", "--",
+                       PY, client("netcheck.py"), "many-at-once", HOST, str(http_port), "300",
+                       preexec_fn=low_soft_limit)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["soft limit 128", "answered 300 refused 0"]
+
+
+def test_out_of_file_descriptors_a_connection_is_refused_and_says_why(http_port: int) -> None:
+    """With no descriptor left for the upstream socket, the app's connection is refused (it
+    may try again) and its flow says why; tapui goes on."""
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    result = run_tapui("--no-ui", "--no-save", "--jsonl", "-", "--",
+                       PY, client("netcheck.py"), "many-at-once", HOST, str(http_port), "300",
+                       preexec_fn=low_limit)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    [counts] = [line for line in lines if line.startswith("answered ")]
+    answered, refused = (int(w) for w in counts.split()[1::2])
+    assert answered + refused == 300 and answered > 0 and refused > 0, counts
+    errors = [json.loads(line)["error"] for line in lines if line.startswith("{")]
+    why = [e for e in errors if e and e.endswith("tapui could not open a socket: Too many open "
+                                                 "files")]
+    # A refused app tried IPv6, then IPv4 (and an answered one may have had IPv6 refused).
+    assert len(why) >= 2 * refused, set(errors)
+    assert "Traceback" not in result.stderr
 
 
 def test_relayed_udp_flows_name_their_process(udp_echo: servers.UdpEcho) -> None:

@@ -143,6 +143,26 @@ def dns_over_tcp(name: str) -> None:
     print(" ".join(found))
 
 
+def many_at_once(host: str, port: str, count: str) -> None:
+    """Its own soft limit of file descriptors; then `count` connections open at once, each
+    asking for /hello: how many were answered, and how many connections were refused."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    print("soft limit", soft)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    socks, refused, answered = [], 0, 0
+    for _ in range(int(count)):
+        try:
+            socks.append(socket.create_connection((host, int(port)), timeout=10))
+        except ConnectionRefusedError:
+            refused += 1
+    for s in socks:
+        s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        answered += s.recv(65536).startswith(b"HTTP/1.1 200")
+    print("answered", answered, "refused", refused)
+
+
 def udp(host: str, port: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
