@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 HOST_ALIAS = "host.tapui.internal"
+#: The names tapui answers for, and no other resolver: one it does not know (a typo of the
+#: alias, say) does not exist, and is not asked of the host's DNS.
+OWN_ZONE = "tapui.internal"
 SANDBOX_V4 = "169.254.77.2"
 GATEWAY_V4 = "169.254.77.1"
 SANDBOX_V6 = "fd7a:7a70:7a70::2"
@@ -55,6 +58,11 @@ class AddressPlan:
 
     def lookup(self, name: str) -> list[str] | None:
         return self.names.get(name.lower().rstrip("."))
+
+    def owns(self, name: str) -> bool:
+        """Whether `name` is in tapui's own zone (answered here whether it exists or not)."""
+        name = name.lower().rstrip(".")
+        return name == OWN_ZONE or name.endswith("." + OWN_ZONE)
 
     def name_of(self, address: str) -> str | None:
         for name, addresses in self.names.items():

@@ -89,7 +89,7 @@ class DnsResolver:
 
     async def _resolve(self, name: str) -> list[str] | None:
         local = self.plan.lookup(name)
-        if local is not None:
+        if local is not None or self.plan.owns(name):
             return local
         try:
             infos = await self.loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)

@@ -87,7 +87,8 @@ def connection_line(summary: ConnectionSummary, colour: bool) -> str:
 
 
 class LinePrinter:
-    """Prints finished HTTP exchanges (a FlowBus listener) and closed connections."""
+    """Prints finished HTTP exchanges (a FlowBus listener), closed connections and failed DNS
+    lookups."""
 
     def __init__(self, out: TextIO | None = None, colour: bool | None = None) -> None:
         self.out = out or sys.stderr
@@ -100,6 +101,9 @@ class LinePrinter:
         flow = event.flow
         if flow.request is not None:
             self._write(exchange_line(flow, self.colour))
+        elif flow.kind == FlowKind.DNS and flow.error:  # a lookup that failed: often the why
+            line = f"{clock(flow.timings.start)} dns {flow.conn.hostname} error: {flow.error}"
+            self._write((_ERROR + line + _RESET) if self.colour else line)
         elif flow.kind == FlowKind.UDP:
             self.connection_closed(
                 ConnectionSummary(flow.conn, flow.timings.start, flow.timings.done or time.time(),

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ui",
         action="store_true",
         help="no terminal UI: the command keeps the terminal and tapui prints one line per "
-        "exchange and connection to stderr",
+        "exchange, per connection and per failed DNS lookup to stderr",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="with --no-ui: print no lines")
     parser.add_argument("--har", metavar="FILE", help="write a HAR 1.2 file of the session at exit")

@@ -437,6 +437,19 @@ def test_dns_flows_name_the_process_that_asked() -> None:
     assert dns and all(f["pid"] and "netcheck.py resolve" in f["command"] for f in dns), dns
 
 
+def test_a_failed_lookup_is_printed() -> None:
+    """A name that does not resolve is often why an app fails: the headless lines say so. (A
+    name in tapui's own zone that it does not define does not exist, and is not asked of the
+    host's resolver.)"""
+    result = run_tapui("--no-ui", "--", "curl", "-sS", "http://nosuch.tapui.internal/")
+    assert result.returncode == 6, result.stderr  # curl: could not resolve host
+    lines = [line for line in result.stderr.splitlines() if " dns " in line]
+    assert sorted(line.split(" ", 2)[2] for line in lines) == [
+        "dns nosuch.tapui.internal A error: NXDOMAIN",
+        "dns nosuch.tapui.internal AAAA error: NXDOMAIN",
+    ], result.stderr
+
+
 def test_dns_over_tcp_is_answered_as_over_udp() -> None:
     """Resolvers fall back to TCP after a truncated answer; some always use it. Two queries on
     one connection, each answered and each a DNS flow with its process."""
