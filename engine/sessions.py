@@ -35,10 +35,15 @@ KEEP_SESSIONS = 10
 # --- locations ------------------------------------------------------------------------------
 
 
-def sessions_dir() -> Path:
+def state_dir() -> Path:
+    """tapui's state directory: $XDG_STATE_HOME/tapui (~/.local/state/tapui)."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                              "state")
-    return Path(base) / "tapui" / "sessions"
+    return Path(base) / "tapui"
+
+
+def sessions_dir() -> Path:
+    return state_dir() / "sessions"
 
 
 def new_session_path(directory: Path | None = None) -> Path:

@@ -7,6 +7,7 @@ import queue
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from textual.app import App, ComposeResult, SystemCommand
@@ -21,6 +22,7 @@ from engine.runstatus import CommandState, RunStatus
 from engine.session_store import SessionStore
 from engine.store import FlowStore
 from tapui import clipboard
+from tapui.filter_history import FilterHistory, filter_history_file
 from tapui.messages import FilterChanged, FilterClosed, OpenFlow, ViewChanged
 from tapui.widgets.body_view import BodyView
 from tapui.widgets.export_dialog import ExportDialog
@@ -67,8 +69,11 @@ class TapuiApp(App[int]):
         title: str = "tapui",
         store: FlowStore | SessionStore | None = None,
         session: SessionWriter | None = None,
+        filter_history: Path | None = None,
     ) -> None:
+        """`filter_history`: the file that keeps the filters across runs (none: this run's)."""
         super().__init__()
+        self._filter_history = FilterHistory(filter_history)
         self.title = title
         self.bus = bus
         self.status = status
@@ -95,7 +100,7 @@ class TapuiApp(App[int]):
         # dialog or the detail screen.
         self.flow_list = FlowList(self.store, id="flows")
         self.output_panel = OutputPanel(id="output")
-        self.filter_bar = FilterBar(id="filter-bar")
+        self.filter_bar = FilterBar(self._filter_history, id="filter-bar")
         self.status_bar = StatusBar(id="status")
         yield self.flow_list
         yield self.output_panel
@@ -375,7 +380,8 @@ def run_viewer(path: str) -> int:
         print(f"tapui: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
-        TapuiApp(store=store, title=f"tapui · {os.path.basename(path)}").run()
+        TapuiApp(store=store, title=f"tapui · {os.path.basename(path)}",
+                 filter_history=filter_history_file()).run()
     finally:
         store.close()
     return 0

@@ -500,6 +500,7 @@ def run_with_ui(
 
     from engine.capture import Capture
     from tapui.app import TapuiApp
+    from tapui.filter_history import filter_history_file
 
     master, slave = pty.openpty()
     options.output_fd = slave
@@ -536,7 +537,7 @@ def run_with_ui(
 
         store = SessionStore(writer.path)
     app = TapuiApp(bus=bus, status=status, title="tapui " + " ".join(options.argv), store=store,
-                   session=writer)
+                   session=writer, filter_history=filter_history_file())
 
     ui_done = threading.Event()
 

@@ -162,6 +162,22 @@ async def test_filter_narrows_and_bad_syntax_keeps_last_good() -> None:
 
 
 @asynctest
+async def test_kept_filters_are_remembered_across_runs(tmp_path: Path) -> None:
+    history = tmp_path / "state" / "filter-history"
+    for expr in ("~d cdn", "lovelace", "~d cdn"):  # kept again: it moves up, once
+        app = TapuiApp(flows=sample_flows(), filter_history=history)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f", *expr, "enter")
+    assert history.read_text() == "lovelace\n~d cdn\n"
+    app = TapuiApp(flows=sample_flows(), filter_history=history)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f", "up")
+        assert app.filter_bar.input.value == "~d cdn"
+        await pilot.press("up")
+        assert app.filter_bar.input.value == "lovelace"
+
+
+@asynctest
 async def test_sort_cycles_and_reverses() -> None:
     app = TapuiApp(flows=sample_flows())
     async with app.run_test(size=SIZE) as pilot:

@@ -9,6 +9,7 @@ from textual.timer import Timer
 from textual.widgets import Input, Label
 
 from engine.filters import FilterError, parse
+from tapui.filter_history import FilterHistory
 from tapui.messages import FilterChanged, FilterClosed
 
 DEBOUNCE = 0.15
@@ -24,9 +25,9 @@ class FilterBar(Horizontal):
         Binding("escape", "close", "Close filter", show=False),
     ]
 
-    def __init__(self, *, id: str | None = None) -> None:
+    def __init__(self, history: FilterHistory | None = None, *, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.history: list[str] = []
+        self.kept = history or FilterHistory()
         self._history_pos = 0
         self.applied = ""
         self.error: FilterError | None = None
@@ -37,6 +38,11 @@ class FilterBar(Horizontal):
         yield Input(placeholder="~d host & ~c 200 | text …  (enter: keep, esc: close)",
                     id="filter-input")
         yield Label("", id="filter-error")
+
+    @property
+    def history(self) -> list[str]:
+        """The kept filters, oldest first (`up` walks back through them)."""
+        return self.kept.entries
 
     @property
     def input(self) -> Input:
@@ -80,9 +86,7 @@ class FilterBar(Horizontal):
         event.stop()
         self.apply_now()
         if self.error is None:
-            expr = self.applied
-            if expr and (not self.history or self.history[-1] != expr):
-                self.history.append(expr)
+            self.kept.add(self.applied)
             self.action_close()
 
     def action_history(self, delta: int) -> None:
