@@ -21,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import ca, heap, tempdirs, tls
+from cryptography.hazmat.primitives import serialization
+
+from engine import browser_trust, ca, heap, tempdirs, tls
 from engine.addresses import GATEWAY_V4, AddressPlan, Published
 from engine.errors import EXIT_INTERNAL, TapuiError
 from engine.flow import ConnectionSummary, FlowBus
@@ -170,6 +172,8 @@ class Capture:
                 f"tapui cannot prepare its certificate authority: {exc}", EXIT_INTERNAL
             ) from None
         mounts += [(str(bundle), path) for path in existing(CA_BUNDLE_PATHS)]
+        der = self.ca.certificate.public_bytes(serialization.Encoding.DER)
+        mounts += browser_trust.policy_mounts(der, self.workdir, existing(browser_trust.POLICY_DIRS))
         for name in TRUST_ENV:
             env[name] = str(bundle)
         env["NODE_EXTRA_CA_CERTS"] = str(self.ca.cert_path)
