@@ -222,6 +222,7 @@ async def shoot(flows: list[Flow], out: Path) -> list[Path]:
     await screen("timing", "enter", "3", select="/api/search")
     await screen("grpc-response", "enter", "2", select="/shop.Orders/Get")
     await screen("filtered-list", "slash", *"~m POST | ~c 404", "enter")
+    await screen("search-marks", "slash", *"~bs SKU-01[0-9]", "enter", "enter", "2", "n")
     await screen("help", "question_mark")
     return saved
 
