@@ -57,3 +57,21 @@ def _add_certificate(managed: Path, cert: str) -> None:
             path.write_text(json.dumps(policies, indent=2))
             return
     (managed / POLICY_FILE).write_text(json.dumps({POLICY: [cert]}, indent=2))
+
+
+#: What an app's alert says when it did not trust the certificate it got.
+_DISTRUST = ("CERTIFICATE_UNKNOWN", "UNKNOWN_CA", "BAD_CERTIFICATE")
+
+
+def rejection_hint(command: str | None, reason: str) -> str | None:
+    """Why a browser that rejected tapui's certificate (`reason`, its alert) may have, from the
+    command line of its process; None for other apps and other reasons."""
+    if not command or not any(alert in reason for alert in _DISTRUST):
+        return None
+    name = command.lower()
+    if "chrom" in name:  # chrome, chromium, chrome-headless-shell
+        return ("Chrome and Chromium trust tapui's CA only through a policy directory of theirs "
+                "in /etc, e.g. /etc/chromium/policies/managed: create it once, as root")
+    if "firefox" in name:
+        return "Firefox trusts only its own certificate store, which tapui does not change"
+    return None

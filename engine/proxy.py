@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine import procinfo, sniff, tls
+from engine import browser_trust, procinfo, sniff, tls
 from engine.addresses import AddressPlan
 from engine.ca import CertificateAuthority
 from engine.dns import DnsResolver
@@ -654,7 +654,11 @@ class Relay:
                 raise app_tls.failed
         except ssl.SSLError as exc:
             self._flush_tls()
-            why = f"the app rejected tapui's TLS: {_ssl_reason(exc)}"
+            reason = _ssl_reason(exc)
+            why = f"the app rejected tapui's TLS: {reason}"
+            hint = browser_trust.rejection_hint(self.info.command, reason)
+            if hint is not None:
+                why += f" ({hint})"
             if app_tls.handshake_done:
                 why = f"TLS error from the app: {_ssl_reason(exc)}"
             # An OpenSSL app answers a server's close without close_notify with an alert

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from engine.browser_trust import POLICY_DIRS
+from engine.browser_trust import POLICY_DIRS, rejection_hint
 from tests import servers, tls_servers
 from tests.conftest import HOST, need, run_tapui
 
@@ -69,3 +69,13 @@ def test_chromium_ignores_the_trust_other_clients_take(
                             env=env)
     assert "hello from the host" not in result.stdout
     assert "net_error -202" in result.stderr  # ERR_CERT_AUTHORITY_INVALID
+
+
+def test_a_browser_that_rejects_tapuis_certificate_is_told_why() -> None:
+    """Its flow says where the browser's trust comes from (seen with Chromium, its policy
+    directory moved aside); other apps, and other alerts, get no such hint."""
+    network = "/usr/lib/chromium/chromium --type=utility --utility-sub-type=network.mojom"
+    assert "policy directory" in rejection_hint(network, "SSLV3_ALERT_CERTIFICATE_UNKNOWN")
+    assert "own certificate store" in rejection_hint("firefox-esr --headless", "TLSV1_ALERT_UNKNOWN_CA")
+    assert rejection_hint("curl -sS https://x.test/", "SSLV3_ALERT_CERTIFICATE_UNKNOWN") is None
+    assert rejection_hint(network, "TLSV1_ALERT_PROTOCOL_VERSION") is None
