@@ -196,8 +196,7 @@ class Capture:
         mounts = self._trust_setup(env)
         resolv = self.workdir / "resolv.conf"
         resolv.write_text(f"nameserver {GATEWAY_V4}\noptions timeout:2 attempts:2\n")
-        if os.path.exists("/etc/resolv.conf"):
-            mounts.append((str(resolv), os.path.realpath("/etc/resolv.conf")))
+        mounts += [(str(resolv), path) for path in existing(["/etc/resolv.conf"])]
         mounts += [(os.devnull, path) for path in existing(HOST_RESOLVER_SOCKETS)]
         out = self.options.output_fd
         new_session, own_process_group = command_placement(

@@ -16,10 +16,6 @@ from engine.dns import DnsResolver, record_answer
 from engine.flow import Flow, FlowBus
 from engine.tcp import TcpConnection
 
-#: A DNS message is at most this long: a length prefix past it is not DNS, and ends the
-#: connection rather than have tapui buffer for it.
-MAX_MESSAGE = 65535
-
 
 class DnsOverTcp:
     """The handler of one app connection to port 53: each query it sends is answered with

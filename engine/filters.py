@@ -545,10 +545,6 @@ class SearchTerms:
     response_head: tuple[re.Pattern[str], ...] = ()
     response_body: tuple[re.Pattern[str], ...] = ()
 
-    def __bool__(self) -> bool:
-        return bool(self.request_head or self.request_body or self.response_head
-                    or self.response_body)
-
 
 #: Which parts (request head, request body, response head, response body) each text-searching
 #: operator looks in; a URL is part of the request head.

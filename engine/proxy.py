@@ -655,12 +655,13 @@ class Relay:
         except ssl.SSLError as exc:
             self._flush_tls()
             reason = _ssl_reason(exc)
-            why = f"the app rejected tapui's TLS: {reason}"
-            hint = browser_trust.rejection_hint(self.info.command, reason)
-            if hint is not None:
-                why += f" ({hint})"
             if app_tls.handshake_done:
-                why = f"TLS error from the app: {_ssl_reason(exc)}"
+                why = f"TLS error from the app: {reason}"
+            else:
+                why = f"the app rejected tapui's TLS: {reason}"
+                hint = browser_trust.rejection_hint(self.info.command, reason)
+                if hint is not None:
+                    why += f" ({hint})"
             # An OpenSSL app answers a server's close without close_notify with an alert
             # (decode_error): the connection ended as the server chose.
             self._close_observer(why, of_connection=not self._server_closed_bare)
