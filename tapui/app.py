@@ -15,6 +15,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer
 
+from engine.body_file import BodyFileError, Side, body_filename, save_body, unused_path
 from engine.curl import CurlError, to_curl
 from engine.filters import FilterError, search_terms
 from engine.flow import Flow, FlowBus
@@ -54,6 +55,7 @@ class TapuiApp(App[int]):
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("slash,f", "filter", "Filter"),
         Binding("c", "copy_curl", "Copy curl"),
+        Binding("b", "save_body", "Save body", show=False),
         Binding("e", "export", "Export HAR"),
         Binding("w", "save_session", "Save session"),
         Binding("z", "clear", "Clear", show=False),
@@ -252,6 +254,39 @@ class TapuiApp(App[int]):
         self.notify(preview, title=f"Copied curl command ({len(command):,} chars) via "
                     + ", ".join(used), markup=False)
 
+    def action_save_body(self) -> None:
+        """The body shown (the request's on the Request tab, else the response's) to a file."""
+        screen = self.screen
+        flow = screen.flow if isinstance(screen, FlowDetail) else self.flow_list.selected
+        if flow is None:
+            self.notify("No flow selected.", severity="warning")
+            return
+        side: Side = screen.shown_side() if isinstance(screen, FlowDetail) else "response"
+        try:
+            default = unused_path(Path("."), body_filename(flow, side))
+        except BodyFileError as exc:
+            self.notify(str(exc), severity="warning", markup=False)
+            return
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.run_worker(lambda: self._write_body(flow, side, path), thread=True,
+                                name="save-body", group="export")
+
+        self.push_screen(ExportDialog(f"Save flow #{flow.id}'s {side} body to:",
+                                      f"./{default.name}"), chosen)
+
+    def _write_body(self, flow: Flow, side: Side, path: str) -> None:
+        """Runs in a worker thread: a body can be large."""
+        try:
+            saved = save_body(flow, side, path)
+        except BodyFileError as exc:
+            self.call_from_thread(self.notify, str(exc), severity="error", markup=False)
+            return
+        note = f" ({saved.note})" if saved.note else ""
+        self.call_from_thread(self.notify, f"Wrote {saved.written:,} bytes to {saved.path}{note}",
+                              markup=False)
+
     def action_export(self) -> None:
         detail = self.screen.flow if isinstance(self.screen, FlowDetail) else None
         if detail is not None:
@@ -345,6 +380,7 @@ class TapuiApp(App[int]):
             ("Filter flows", "Open the filter bar (/ or f)", self.action_filter),
             ("Copy as curl", "Copy the selected flow as a curl command (c)",
              self.action_copy_curl),
+            ("Save body", "Write the shown body to a file, decoded (b)", self.action_save_body),
             ("Export HAR", "Export marked or shown flows as HAR (e)", self.action_export),
             ("Save session", "Save every flow as HAR (w)", self.action_save_session),
             ("Clear flows", "Forget every flow shown so far (z)", self.action_clear),

@@ -593,6 +593,45 @@ async def test_export_marked_shown_and_session(tmp_path: Path) -> None:
 
 
 @asynctest
+async def test_save_body_writes_the_shown_body_decoded(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    flows = sample_flows()
+    app = TapuiApp(flows=flows)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("j", "j", "b")  # flow 3: gzip'd JSON, from the list
+        assert isinstance(app.screen, ExportDialog)
+        field = app.screen.query_one("Input")
+        assert field.value == "./stats.json"
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert (tmp_path / "stats.json").read_bytes() == b'{"ok":true,"count":3}'
+        await pilot.press("b", "enter")  # the name is taken now: the next one is offered
+        await app.workers.wait_for_complete()
+        assert (tmp_path / "stats-1.json").exists()
+        await pilot.press("j", "enter", "1", "b")  # flow 4's request, from its Request tab
+        field = app.screen.query_one("Input")
+        assert field.value == "./login.txt"
+        field.value = str(tmp_path / "stats.json")  # taken: refused, nothing overwritten
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert (tmp_path / "stats.json").read_bytes() == b'{"ok":true,"count":3}'
+        await pilot.press("b")
+        app.screen.query_one("Input").value = str(tmp_path / "form.txt")
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert (tmp_path / "form.txt").read_bytes() == b"user=ada&password=s3cret"
+        notes = [n.message for n in app._notifications]
+        assert any("already exists" in n for n in notes)
+        assert any(n.startswith("Wrote 24 bytes to ") and n.endswith("form.txt") for n in notes)
+        await pilot.press("q", "j", "b")  # flow 5: a 404 with no body
+        assert not isinstance(app.screen, ExportDialog)
+        assert any(n.message == "Flow #5 has no response body." for n in app._notifications)
+
+
+@asynctest
 async def test_open_har_file(tmp_path: Path) -> None:
     path = tmp_path / "session.har"
     write_har(path, sample_flows())

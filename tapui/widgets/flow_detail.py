@@ -10,6 +10,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
 from engine import grpc
+from engine.body_file import Side
 from engine.filters import SearchTerms
 from engine.flow import Flow, Headers, WebSocketMessage, cut_short
 from tapui.widgets.body_format import printable
@@ -201,6 +202,10 @@ class FlowDetail(Screen):
         views = pane.query(BodyView)
         if views:
             views.first().focus()
+
+    def shown_side(self) -> Side:
+        """Whose body the open tab is about: the request's on its tab, else the response's."""
+        return "request" if self.query_one(TabbedContent).active == "tab-request" else "response"
 
     def action_tab(self, tab_id: str) -> None:
         tabs = self.query_one(TabbedContent)
