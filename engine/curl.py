@@ -7,7 +7,7 @@ import shlex
 from engine.flow import Flow, Request
 
 #: Headers curl computes itself; sending them again would duplicate or contradict them.
-_DROP = {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
+COMPUTED_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
          "http2-settings", "te", "proxy-connection"}
 
 
@@ -72,7 +72,7 @@ def to_curl(flow: Flow) -> str:
         args.append("--compressed")
     for name, value in request.headers:
         lname = name.lower()
-        if lname.startswith(":") or lname in _DROP or lname == "accept-encoding":
+        if lname.startswith(":") or lname in COMPUTED_HEADERS or lname == "accept-encoding":
             continue
         if lname == "host" and value.lower() == request.authority.lower():
             continue

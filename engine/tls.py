@@ -71,7 +71,7 @@ def upstream_context(insecure: bool = False, extra_ca_files: list[str] | None = 
     with _upstream_lock:  # (a loader started early may be at it: wait for its result)
         ctx = _upstream_cache.get(key)
         if ctx is None:
-            ctx = _upstream_cache[key] = _new_upstream_context(insecure, extra_ca_files)
+            ctx = _upstream_cache[key] = new_upstream_context(insecure, extra_ca_files)
         return ctx
 
 
@@ -90,7 +90,8 @@ def load_upstream_context_early(insecure: bool, extra_ca_files: list[str]) -> No
     threading.Thread(target=load, name="tapui-upstream-trust").start()
 
 
-def _new_upstream_context(insecure: bool, extra_ca_files: list[str] | None) -> ResumingContext:
+def new_upstream_context(insecure: bool, extra_ca_files: list[str] | None) -> ResumingContext:
+    """A context of its own (not the shared one, whose ALPN list the relay sets per connection)."""
     ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     for path in extra_ca_files or ():

@@ -19,6 +19,7 @@ from engine.body_file import BodyFileError, Side, body_filename, save_body, unus
 from engine.curl import CurlError, to_curl
 from engine.filters import FilterError, search_terms
 from engine.flow import Flow, FlowBus
+from engine.replay import Replayer, ReplayError
 from engine.runstatus import CommandState, RunStatus
 from engine.session_store import SessionStore
 from engine.store import FlowStore
@@ -56,6 +57,7 @@ class TapuiApp(App[int]):
         Binding("slash,f", "filter", "Filter"),
         Binding("c", "copy_curl", "Copy curl"),
         Binding("b", "save_body", "Save body", show=False),
+        Binding("r", "replay", "Replay", show=False),
         Binding("e", "export", "Export HAR"),
         Binding("w", "save_session", "Save session"),
         Binding("z", "clear", "Clear", show=False),
@@ -72,9 +74,12 @@ class TapuiApp(App[int]):
         store: FlowStore | SessionStore | None = None,
         session: SessionWriter | None = None,
         filter_history: Path | None = None,
+        replayer: Replayer | None = None,
     ) -> None:
-        """`filter_history`: the file that keeps the filters across runs (none: this run's)."""
+        """`filter_history`: the file that keeps the filters across runs (none: this run's).
+        `replayer`: sends a flow's request again (a live session's; none when browsing)."""
         super().__init__()
+        self.replayer = replayer
         self._filter_history = FilterHistory(filter_history)
         self.title = title
         self.bus = bus
@@ -287,6 +292,41 @@ class TapuiApp(App[int]):
         self.call_from_thread(self.notify, f"Wrote {saved.written:,} bytes to {saved.path}{note}",
                               markup=False)
 
+    def action_replay(self) -> None:
+        """Send the flow's request again from tapui; the answer comes as a new flow."""
+        flow = self.current_flow()
+        if flow is None:
+            self.notify("No flow selected.", severity="warning")
+            return
+        replayer = self.replayer
+        if replayer is None:
+            self.notify("Replay works in a live session (tapui -- COMMAND), not in a saved one.",
+                        severity="warning")
+            return
+        try:
+            replayer.check(flow)
+        except ReplayError as exc:
+            self.notify(str(exc), severity="warning", markup=False)
+            return
+        self.notify(f"Replaying flow #{flow.id}…", markup=False)
+        self.run_worker(lambda: self._replay(replayer, flow), thread=True, name="replay",
+                        group="replay")
+
+    def _replay(self, replayer: Replayer, flow: Flow) -> None:
+        """Runs in a worker thread: the server may take its time."""
+        try:
+            new = replayer.replay(flow)
+        except ReplayError as exc:
+            self.call_from_thread(self.notify, str(exc), severity="warning", markup=False)
+            return
+        if new.error:
+            self.call_from_thread(self.notify, f"Replay of #{flow.id} (#{new.id}): {new.error}",
+                                  severity="error", markup=False)
+            return
+        status = f"{new.response.status} {new.response.reason}" if new.response else "no answer"
+        self.call_from_thread(self.notify, f"Replayed #{flow.id} as #{new.id}: {status}",
+                              markup=False)
+
     def action_export(self) -> None:
         detail = self.screen.flow if isinstance(self.screen, FlowDetail) else None
         if detail is not None:
@@ -381,6 +421,8 @@ class TapuiApp(App[int]):
             ("Copy as curl", "Copy the selected flow as a curl command (c)",
              self.action_copy_curl),
             ("Save body", "Write the shown body to a file, decoded (b)", self.action_save_body),
+            ("Replay", "Send the selected flow's request again; the answer is a new flow (r)",
+             self.action_replay),
             ("Export HAR", "Export marked or shown flows as HAR (e)", self.action_export),
             ("Save session", "Save every flow as HAR (w)", self.action_save_session),
             ("Clear flows", "Forget every flow shown so far (z)", self.action_clear),

@@ -499,6 +499,7 @@ def run_with_ui(
     import pty
 
     from engine.capture import Capture
+    from engine.replay import Replayer, ReplayOptions
     from tapui.app import TapuiApp
     from tapui.filter_history import filter_history_file
 
@@ -536,8 +537,10 @@ def run_with_ui(
         from engine.session_store import SessionStore
 
         store = SessionStore(writer.path)
+    replayer = Replayer(bus, ReplayOptions(options.insecure, list(options.upstream_ca),
+                                           options.body_cap))
     app = TapuiApp(bus=bus, status=status, title="tapui " + " ".join(options.argv), store=store,
-                   session=writer, filter_history=filter_history_file())
+                   session=writer, filter_history=filter_history_file(), replayer=replayer)
 
     ui_done = threading.Event()
 

@@ -22,6 +22,7 @@ from textual.pilot import Pilot
 from engine.curl import to_curl
 from engine.flow import EventKind, FlowBus, FlowEvent
 from engine.har import load_har, write_har
+from engine.replay import Replayer, ReplayOptions
 from engine.runstatus import CommandState, RunStatus
 from engine.store import FlowStore
 from tapui.app import TapuiApp, run_har_viewer
@@ -629,6 +630,38 @@ async def test_save_body_writes_the_shown_body_decoded(tmp_path: Path, monkeypat
         await pilot.press("q", "j", "b")  # flow 5: a 404 with no body
         assert not isinstance(app.screen, ExportDialog)
         assert any(n.message == "Flow #5 has no response body." for n in app._notifications)
+
+
+@asynctest
+async def test_replay_adds_the_new_exchange_to_the_list(http_server) -> None:
+    port = http_server.server_address[1]
+    # (an id the engine's counter does not reach in a test run)
+    flow = make_flow(10**9, scheme="http", authority=f"127.0.0.1:{port}", path="/json",
+                     start=time.time() - 10)
+    bus = FlowBus()
+    app = TapuiApp(bus=bus, flows=[flow], replayer=Replayer(bus, ReplayOptions()))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("r")
+        await app.workers.wait_for_complete()
+        await wait_for(pilot, lambda: app.store.view_len == 2)
+        original, replayed = app.store.view_flows()
+        assert original is flow
+        assert replayed.response is not None and replayed.response.status == 200
+        assert replayed.response.body.read() == b'{"hello": "world", "n": [1, 2, 3]}'
+        assert [r["path"] for r in http_server.requests] == ["/json"]
+        notes = [n.message for n in app._notifications]
+        assert f"Replayed #{flow.id} as #{replayed.id}: 200 OK" in notes
+        await pilot.press("enter")  # the new flow opens like any other
+        assert isinstance(app.screen, FlowDetail)
+
+
+@asynctest
+async def test_replay_needs_a_live_session() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("r")
+        assert any(n.message.startswith("Replay works in a live session")
+                   for n in app._notifications)
 
 
 @asynctest

@@ -1,0 +1,256 @@
+"""Replay: send a recorded request again, from tapui (the host's side), to the server the
+original went to, and record the new exchange as a flow of its own.
+
+The request goes to the address tapui dialled for the original (so the host alias and
+`--add-host` keep their meaning), over TLS verified as the relay verifies (`--insecure`,
+`--upstream-ca`), in the original's HTTP version: HTTP/2 flows as HTTP/2 (with `h2`),
+others as HTTP/1.1. Both directions' bytes go through the same decoders as live traffic.
+Blocking: run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
+from engine import tls
+from engine.curl import COMPUTED_HEADERS
+from engine.flow import (
+    DEFAULT_BODY_CAP,
+    Body,
+    Connection,
+    EventKind,
+    Flow,
+    FlowBus,
+    FlowEvent,
+    FlowKind,
+    Request,
+    Timings,
+    next_connection_id,
+)
+from engine.http1 import Http1Observer
+from engine.http2 import Http2Observer
+
+#: Seconds a replay waits to connect, and then for each read of the answer.
+TIMEOUT = 30.0
+_READ = 256 * 1024
+
+
+class ReplayError(Exception):
+    """Why a flow cannot be replayed, in words for the user."""
+
+
+@dataclass
+class ReplayOptions:
+    insecure: bool = False
+    upstream_ca: list[str] = field(default_factory=list)
+    body_cap: int = DEFAULT_BODY_CAP
+
+
+class Replayer:
+    def __init__(self, bus: FlowBus, options: ReplayOptions) -> None:
+        self.bus = bus
+        self.options = options
+        self._context: tls.ResumingContext | None = None
+
+    def check(self, flow: Flow) -> None:
+        """Raises ReplayError when `flow` cannot be replayed (before any work is started)."""
+        _replayable(flow)
+
+    def replay(self, flow: Flow) -> Flow:
+        """Send `flow`'s request again; returns the new flow (finished: done or with an
+        error). Raises ReplayError when the flow cannot be replayed at all."""
+        request, body = _replayable(flow)
+        original = flow.conn
+        assert original.upstream is not None
+        http2 = request.http_version.upper().startswith("HTTP/2")
+        https = request.scheme == "https"
+        conn = Connection(
+            id=next_connection_id(), client=("", 0), server=original.server,
+            upstream=original.upstream, hostname=original.hostname,
+            sni=(original.sni or request.host) if https else None,
+            pid=os.getpid(), command=f"replay of #{flow.id}", timings=Timings(),
+        )
+        try:
+            sock = self._connect(conn, https, http2)
+        except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
+            return self._failed(conn, request, body, exc)
+        observer: Http1Observer | Http2Observer
+        if conn.alpn == "h2" or (http2 and not https):
+            observer = Http2Observer(conn, self.bus, request.scheme, self.options.body_cap,
+                                     conn.timings)
+            exchange = _exchange_h2
+        else:
+            observer = Http1Observer(conn, self.bus, request.scheme, self.options.body_cap,
+                                     conn.timings)
+            exchange = _exchange_h1
+        made: list[Flow] = []
+
+        def new_flows(event: FlowEvent) -> None:
+            if event.kind is EventKind.NEW and event.flow.conn is conn:
+                made.append(event.flow)
+
+        error = None
+        self.bus.subscribe(new_flows)
+        try:
+            with sock:
+                try:
+                    exchange(sock, request, body, observer)
+                except (OSError, ssl.SSLError, h2.exceptions.ProtocolError) as exc:
+                    error = f"replay: {_reason(exc)}"
+            observer.close(error)
+        finally:
+            self.bus.unsubscribe(new_flows)
+        if not made:  # the decoder made no flow of it (it could not read the request)
+            return self._failed(conn, request, body, error or "the request was not decoded")
+        return made[0]
+
+    def _connect(self, conn: Connection, https: bool, http2: bool) -> socket.socket:
+        assert conn.upstream is not None
+        sock = socket.create_connection(conn.upstream, timeout=TIMEOUT)
+        conn.client = sock.getsockname()[:2]
+        conn.timings.connect = time.time()
+        if not https:
+            return sock
+        if self._context is None:
+            self._context = tls.new_upstream_context(self.options.insecure,
+                                                     self.options.upstream_ca)
+        self._context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
+        try:
+            tls_sock = self._context.wrap_socket(sock, server_hostname=conn.sni)
+        except BaseException:
+            sock.close()
+            raise
+        conn.timings.tls = time.time()
+        conn.alpn = tls_sock.selected_alpn_protocol()
+        conn.tls_version = tls_sock.version()
+        der = tls_sock.getpeercert(binary_form=True)
+        if der:
+            conn.certificate = tls.cert_info(der)
+        return tls_sock
+
+    def _failed(self, conn: Connection, request: Request, body: bytes,
+                reason: BaseException | str) -> Flow:
+        flow = Flow(conn=conn, timings=conn.timings.copy())
+        flow.request = Request(request.method, request.scheme, request.authority, request.path,
+                               request.http_version, list(request.headers), Body.of(body))
+        self.bus.new(flow)
+        reason = reason if isinstance(reason, str) else _reason(reason)
+        self.bus.done(flow, error=f"replay: {reason}")
+        return flow
+
+
+def _replayable(flow: Flow) -> tuple[Request, bytes]:
+    request = flow.request
+    if request is None or flow.kind not in (FlowKind.HTTP,):
+        raise ReplayError(f"Flow #{flow.id} has no HTTP request to replay.")
+    if flow.conn.inbound:
+        raise ReplayError(f"Flow #{flow.id} came in from the host (a published port): "
+                          "replay sends only what the command sent.")
+    if flow.conn.upstream is None:
+        raise ReplayError(f"Flow #{flow.id} never reached a server: nothing to replay it to.")
+    if request.method.upper() == "CONNECT":
+        raise ReplayError(f"Flow #{flow.id} is a CONNECT tunnel: it cannot be replayed.")
+    if request.body.truncated:
+        raise ReplayError(f"Flow #{flow.id}'s request body was kept only in part "
+                          f"({request.body.kept:,} of {request.body.size:,} bytes).")
+    return request, request.body.read() if request.body.kept else b""
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the server's certificate failed verification: {exc.verify_message}"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {TIMEOUT:.0f} s"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _headers(request: Request) -> list[tuple[str, str]]:
+    """The recorded headers less those the sender computes (framing, hop-by-hop)."""
+    return [(name, value) for name, value in request.headers
+            if not name.startswith(":") and name.lower() not in COMPUTED_HEADERS
+            and name.lower() != "expect"]  # (the body goes at once: no 100-continue)
+
+
+def _exchange_h1(sock: socket.socket, request: Request, body: bytes,
+                 observer: Http1Observer) -> None:
+    headers = _headers(request)
+    if not any(name.lower() == "host" for name, _ in headers):
+        headers.insert(0, ("Host", request.authority))
+    if body or request.method.upper() in ("POST", "PUT", "PATCH"):
+        headers.append(("Content-Length", str(len(body))))
+    headers.append(("Connection", "close"))
+    version = "HTTP/1.0" if request.http_version.upper() == "HTTP/1.0" else "HTTP/1.1"
+    head = f"{request.method} {request.path} {version}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
+    data = head.encode("utf-8", "surrogateescape") + body
+    sock.sendall(data)
+    observer.client_data(data)
+    observer.client_eof()
+    while observer.answers_pending():
+        chunk = sock.recv(_READ)
+        if not chunk:
+            observer.server_eof()
+            return
+        observer.server_data(chunk)
+
+
+def _exchange_h2(sock: socket.socket, request: Request, body: bytes,
+                 observer: Http2Observer) -> None:
+    h2conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    h2conn.initiate_connection()
+    stream = h2conn.get_next_available_stream_id()
+    headers = [(":method", request.method), (":scheme", request.scheme),
+               (":authority", request.authority), (":path", request.path)]
+    headers += [(name.lower(), value) for name, value in _headers(request)
+                if name.lower() != "host"]
+    h2conn.send_headers(stream, headers, end_stream=not body)
+
+    def flush() -> None:
+        out = h2conn.data_to_send()
+        if out:
+            sock.sendall(out)
+            observer.client_data(out)
+
+    def read() -> bool:
+        """One read of the server's bytes; False once the stream or connection ended."""
+        chunk = sock.recv(_READ)
+        if not chunk:
+            observer.server_eof()
+            return False
+        observer.server_data(chunk)
+        going = True
+        for event in h2conn.receive_data(chunk):
+            if isinstance(event, h2.events.DataReceived):
+                h2conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                going = going and event.stream_id != stream
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                going = False
+        flush()
+        return going
+
+    sent = 0
+    while sent < len(body):  # as the server's flow-control windows allow
+        room = min(h2conn.local_flow_control_window(stream), h2conn.max_outbound_frame_size)
+        if room <= 0:
+            flush()
+            if not read():
+                return
+            continue
+        piece = body[sent : sent + room]
+        sent += len(piece)
+        h2conn.send_data(stream, piece, end_stream=sent == len(body))
+    flush()
+    while read():
+        pass

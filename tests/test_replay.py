@@ -1,0 +1,149 @@
+"""Replay: a flow recorded in the sandbox is sent again from tapui, and recorded anew."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from engine.flow import Body, EventKind, Flow, FlowBus, FlowEvent, FlowKind
+from engine.replay import Replayer, ReplayError, ReplayOptions
+from engine.session_store import SessionStore
+from tests import servers, tls_servers
+from tests.conftest import HOST, run_tapui
+from tests.ui_fixtures import make_flow, raw_flow
+
+pytestmark = pytest.mark.usefixtures("sandbox")
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def https(ca: trustme.CA, pool: bytes) -> Iterator[servers._ThreadingServer]:
+    server = tls_servers.https_server(ca, pool)
+    with servers.running(server):
+        yield server
+
+
+@pytest.fixture
+def h2server(ca: trustme.CA, pool: bytes) -> Iterator[tls_servers.H2Server]:
+    with tls_servers.running_h2(ca, pool) as server:
+        yield server
+
+
+def recorded(tmp_path: Path, *command: str, options: tuple[str, ...] = ()) -> Flow:
+    """The one HTTP flow `command` makes in the sandbox, read back from its session file."""
+    session = tmp_path / "run.tapui"
+    result = run_tapui("--no-ui", "-q", "--save", str(session), *options, "--", *command)
+    assert result.returncode == 0, result.stderr
+    store = SessionStore(session)
+    flows = [f for f in store if f.kind is FlowKind.HTTP]
+    assert len(flows) == 1, flows
+    return flows[0]
+
+
+class Events:
+    def __init__(self, bus: FlowBus) -> None:
+        self.seen: list[FlowEvent] = []
+        bus.subscribe(self.seen.append)
+
+    def kinds(self, flow: Flow) -> list[EventKind]:
+        return [e.kind for e in self.seen if e.flow is flow]
+
+
+def test_a_replay_sends_the_same_request_and_records_the_answer(
+    http_server: servers._ThreadingServer, tmp_path: Path
+) -> None:
+    port = http_server.server_address[1]
+    flow = recorded(tmp_path, "curl", "-sS", "-H", "X-Trace: 7", "--data-binary", "name=ada",
+                    f"http://{HOST}:{port}/submit?x=1")
+    bus = FlowBus()
+    events = Events(bus)
+    replayed = Replayer(bus, ReplayOptions()).replay(flow)
+    first, second = http_server.requests
+    assert (second["method"], second["path"], second["body"]) == ("POST", "/submit?x=1",
+                                                                  b"name=ada")
+    assert ("X-Trace", "7") in second["headers"]
+    assert dict(first["headers"])["Host"] == dict(second["headers"])["Host"]
+    assert replayed.id != flow.id and not replayed.error
+    assert replayed.response is not None and replayed.response.status == 200
+    assert replayed.response.body.read() == hashlib.sha256(b"name=ada").hexdigest().encode()
+    assert replayed.conn.command == f"replay of #{flow.id}"
+    assert replayed.conn.upstream == ("127.0.0.1", port)
+    assert events.kinds(replayed)[0] is EventKind.NEW
+    assert events.kinds(replayed)[-1] is EventKind.DONE
+
+
+def test_a_replay_over_tls_verifies_the_server_as_the_relay_does(
+    https: servers._ThreadingServer, ca_file: str, tmp_path: Path
+) -> None:
+    port = https.server_address[1]
+    flow = recorded(tmp_path, "curl", "-sS", "--http1.1", f"https://{HOST}:{port}/json",
+                    options=("--upstream-ca", ca_file))
+    trusted = Replayer(FlowBus(), ReplayOptions(upstream_ca=[ca_file])).replay(flow)
+    assert trusted.response is not None and trusted.response.status == 200
+    assert trusted.response.body.read() == b'{"hello": "world", "n": [1, 2, 3]}'
+    assert trusted.conn.tls_version and trusted.conn.certificate is not None
+    assert trusted.conn.sni == flow.conn.sni
+    untrusted = Replayer(FlowBus(), ReplayOptions()).replay(flow)
+    assert untrusted.response is None
+    assert untrusted.error is not None
+    assert untrusted.error.startswith("replay: the server's certificate failed verification")
+    assert len(https.requests) == 2  # the untrusted server never got the request
+    insecure = Replayer(FlowBus(), ReplayOptions(insecure=True)).replay(flow)
+    assert insecure.response is not None and insecure.response.status == 200
+
+
+def test_an_http2_flow_is_replayed_in_http2(
+    h2server: tls_servers.H2Server, ca_file: str, tmp_path: Path
+) -> None:
+    flow = recorded(tmp_path, "curl", "-sS", "--http2", "--data-binary", "ping",
+                    f"https://{HOST}:{h2server.port}/echo", options=("--upstream-ca", ca_file))
+    assert flow.request is not None and flow.request.http_version == "HTTP/2"
+    replayed = Replayer(FlowBus(), ReplayOptions(upstream_ca=[ca_file])).replay(flow)
+    assert replayed.conn.alpn == "h2" and not replayed.error
+    assert replayed.request is not None and replayed.request.http_version == "HTTP/2"
+    assert replayed.response is not None and replayed.response.status == 200
+    assert replayed.response.body.read() == hashlib.sha256(b"ping").hexdigest().encode()
+    again = h2server.requests[-1]
+    assert again["headers"][":method"] == "POST" and again["body"] == b"ping"
+
+
+def test_a_server_gone_since_gives_a_flow_with_the_error(pool: bytes, tmp_path: Path) -> None:
+    server = servers.http_server(pool)
+    with servers.running(server) as port:
+        flow = recorded(tmp_path, "curl", "-sS", f"http://{HOST}:{port}/hello")
+    bus = FlowBus()
+    events = Events(bus)
+    replayed = Replayer(bus, ReplayOptions()).replay(flow)
+    assert replayed.error == "replay: Connection refused"
+    assert replayed.request is not None and replayed.request.path == "/hello"
+    assert events.kinds(replayed) == [EventKind.NEW, EventKind.DONE]
+
+
+def test_flows_that_cannot_be_replayed_say_why() -> None:
+    replayer = Replayer(FlowBus(), ReplayOptions())
+    with pytest.raises(ReplayError, match=r"^Flow #11 has no HTTP request to replay\.$"):
+        replayer.replay(raw_flow(11))
+    cut = make_flow(4, method="POST", path="/upload")
+    cut.request.body = Body(cap=10)
+    cut.request.body.append(b"x" * 25)
+    with pytest.raises(ReplayError, match=r"request body was kept only in part \(10 of 25"):
+        replayer.replay(cut)
+    never = make_flow(5)
+    never.conn.upstream = None
+    with pytest.raises(ReplayError, match="never reached a server"):
+        replayer.replay(never)
