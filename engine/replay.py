@@ -214,6 +214,9 @@ def _exchange_h2(sock: socket.socket, request: Request, body: bytes,
                (":authority", request.authority), (":path", request.path)]
     headers += [(name.lower(), value) for name, value in _headers(request)
                 if name.lower() != "host"]
+    if any(name.lower() == "te" and value.strip().lower() == "trailers"
+           for name, value in request.headers):
+        headers.append(("te", "trailers"))  # (the one TE HTTP/2 allows; gRPC servers want it)
     h2conn.send_headers(stream, headers, end_stream=not body)
 
     def flush() -> None:

@@ -12,8 +12,11 @@ import grpc
 import pytest
 import trustme
 
+from engine.flow import FlowBus
 from engine.har import load_har
+from engine.replay import Replayer, ReplayOptions
 from engine.session_db import SessionDB
+from engine.session_store import SessionStore
 from engine.sqlfilter import compile_expr
 from tapui.widgets.body_format import format_body
 from tapui.widgets.flow_detail import summary
@@ -142,3 +145,25 @@ def test_a_grpc_web_status_is_read_from_the_end_of_its_body(
         assert line.endswith("grpc NOT_FOUND: no such user"), line
         assert ("grpc-status", "5") in flow.response.trailers  # type: ignore[union-attr]
         assert errors == 1
+
+
+def test_a_replayed_grpc_call_is_answered_again(
+    grpc_ports: dict[str, int], ca: trustme.CA, tmp_path: Path
+) -> None:
+    """Replay keeps HTTP/2 and the `te: trailers` that gRPC servers require."""
+    upstream_ca = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(upstream_ca))
+    session = tmp_path / "s.tapui"
+    result = run_tapui(
+        "--no-ui", "-q", "--upstream-ca", str(upstream_ca), "--save", str(session), "--",
+        PY, client("grpc_client.py"), f"{HOST}:{grpc_ports['tls']}", "tls", "again",
+    )
+    assert result.returncode == 0, result.stderr
+    [flow] = [f for f in SessionStore(session) if f.request is not None]
+    replayer = Replayer(FlowBus(), ReplayOptions(upstream_ca=[str(upstream_ca)]))
+    replayed = replayer.replay(flow)
+    assert replayed.error is None and replayed.conn.alpn == "h2"
+    assert replayed.response is not None and ("grpc-status", "0") in replayed.response.trailers
+    shown = [line.plain for line in format_body(
+        replayed.response.body.read(), "application/grpc").lines]
+    assert shown == ["# message 1 of 1, 16 bytes", '1: "hello, again"', "2: 42"]
