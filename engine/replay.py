@@ -65,10 +65,11 @@ class Replayer:
         """Raises ReplayError when `flow` cannot be replayed (before any work is started)."""
         _replayable(flow)
 
-    def replay(self, flow: Flow) -> Flow:
-        """Send `flow`'s request again; returns the new flow (finished: done or with an
-        error). Raises ReplayError when the flow cannot be replayed at all."""
-        request, body = _replayable(flow)
+    def replay(self, flow: Flow, edited: Request | None = None) -> Flow:
+        """Send `flow`'s request again (or `edited`, a changed copy, to the same server);
+        returns the new flow (finished: done or with an error). Raises ReplayError when the
+        flow cannot be replayed at all."""
+        request, body = _replayable(flow, edited)
         original = flow.conn
         assert original.upstream is not None
         http2 = request.http_version.upper().startswith("HTTP/2")
@@ -77,7 +78,8 @@ class Replayer:
             id=next_connection_id(), client=("", 0), server=original.server,
             upstream=original.upstream, hostname=original.hostname,
             sni=(original.sni or request.host) if https else None,
-            pid=os.getpid(), command=f"replay of #{flow.id}", timings=Timings(),
+            pid=os.getpid(), timings=Timings(),
+            command=f"replay of #{flow.id}" + (", edited" if edited else ""),
         )
         try:
             sock = self._connect(conn, https, http2)
@@ -148,7 +150,7 @@ class Replayer:
         return flow
 
 
-def _replayable(flow: Flow) -> tuple[Request, bytes]:
+def _replayable(flow: Flow, edited: Request | None = None) -> tuple[Request, bytes]:
     request = flow.request
     if request is None or flow.kind not in (FlowKind.HTTP,):
         raise ReplayError(f"Flow #{flow.id} has no HTTP request to replay.")
@@ -159,6 +161,7 @@ def _replayable(flow: Flow) -> tuple[Request, bytes]:
         raise ReplayError(f"Flow #{flow.id} never reached a server: nothing to replay it to.")
     if request.method.upper() == "CONNECT":
         raise ReplayError(f"Flow #{flow.id} is a CONNECT tunnel: it cannot be replayed.")
+    request = edited or request
     if request.body.truncated:
         raise ReplayError(f"Flow #{flow.id}'s request body was kept only in part "
                           f"({request.body.kept:,} of {request.body.size:,} bytes).")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import queue
+import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, ComposeResult, SuspendNotSupported, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer
@@ -18,8 +22,9 @@ from textual.widgets import Footer
 from engine.body_file import BodyFileError, Side, body_filename, save_body, unused_path
 from engine.curl import CurlError, to_curl
 from engine.filters import FilterError, search_terms
-from engine.flow import Flow, FlowBus
+from engine.flow import Flow, FlowBus, Request
 from engine.replay import Replayer, ReplayError
+from engine.request_text import RequestTextError, request_to_text, text_to_request
 from engine.runstatus import CommandState, RunStatus
 from engine.session_store import SessionStore
 from engine.store import FlowStore
@@ -42,6 +47,18 @@ if TYPE_CHECKING:
 TICK = 0.075
 
 
+def editor_command() -> list[str] | None:
+    """The user's editor ($VISUAL, then $EDITOR, then nano or vi), as argv."""
+    for variable in ("VISUAL", "EDITOR"):
+        value = os.environ.get(variable, "").strip()
+        if value:
+            return shlex.split(value)
+    for name in ("nano", "vi"):
+        if shutil.which(name):
+            return [name]
+    return None
+
+
 def default_har_path() -> str:
     return f"./tapui-{time.strftime('%Y%m%d-%H%M%S')}.har"
 
@@ -58,6 +75,7 @@ class TapuiApp(App[int]):
         Binding("c", "copy_curl", "Copy curl"),
         Binding("b", "save_body", "Save body", show=False),
         Binding("r", "replay", "Replay", show=False),
+        Binding("R", "edit_replay", "Edit and replay", show=False),
         Binding("e", "export", "Export HAR"),
         Binding("w", "save_session", "Save session"),
         Binding("z", "clear", "Clear", show=False),
@@ -312,10 +330,69 @@ class TapuiApp(App[int]):
         self.run_worker(lambda: self._replay(replayer, flow), thread=True, name="replay",
                         group="replay")
 
-    def _replay(self, replayer: Replayer, flow: Flow) -> None:
+    def action_edit_replay(self) -> None:
+        """The flow's request in $VISUAL or $EDITOR; what is saved there is sent to the same
+        server, and its answer comes as a new flow."""
+        flow = self.current_flow()
+        if flow is None:
+            self.notify("No flow selected.", severity="warning")
+            return
+        replayer = self.replayer
+        if replayer is None:
+            self.notify("Replay works in a live session (tapui -- COMMAND), not in a saved one.",
+                        severity="warning")
+            return
+        try:
+            replayer.check(flow)
+            assert flow.request is not None
+            text = request_to_text(flow.request)
+        except ReplayError as exc:
+            self.notify(str(exc), severity="warning", markup=False)
+            return
+        except RequestTextError as exc:
+            self.notify(f"Flow #{flow.id}'s request cannot be edited as text: {exc} "
+                        "(r replays it as it is).", severity="warning", markup=False)
+            return
+        editor = editor_command()
+        if editor is None:
+            self.notify("No editor: set $VISUAL or $EDITOR (or install nano or vi).",
+                        severity="error")
+            return
+        with tempfile.NamedTemporaryFile("w", suffix=".http", prefix=f"tapui-{flow.id}-",
+                                         delete=False, encoding="utf-8") as file:
+            file.write(text)
+        try:
+            try:
+                with self.suspend():
+                    result = subprocess.run([*editor, file.name], check=False)
+            except (SuspendNotSupported, OSError) as exc:
+                self.notify(f"Could not run {shlex.join(editor)}: {exc}", severity="error",
+                            markup=False)
+                return
+            edited = Path(file.name).read_text(encoding="utf-8", errors="surrogateescape")
+        finally:
+            os.unlink(file.name)
+        if result.returncode != 0:
+            self.notify(f"The editor exited with status {result.returncode}: nothing sent.",
+                        severity="warning")
+            return
+        if edited == text:
+            self.notify("The request is unchanged: nothing sent (r replays it as it is).",
+                        severity="warning")
+            return
+        try:
+            request = text_to_request(edited, flow.request)
+        except RequestTextError as exc:
+            self.notify(f"Not sent: {exc}", severity="error", markup=False)
+            return
+        self.notify(f"Sending flow #{flow.id}'s request, edited…", markup=False)
+        self.run_worker(lambda: self._replay(replayer, flow, request), thread=True,
+                        name="replay", group="replay")
+
+    def _replay(self, replayer: Replayer, flow: Flow, edited: Request | None = None) -> None:
         """Runs in a worker thread: the server may take its time."""
         try:
-            new = replayer.replay(flow)
+            new = replayer.replay(flow, edited)
         except ReplayError as exc:
             self.call_from_thread(self.notify, str(exc), severity="warning", markup=False)
             return
@@ -423,6 +500,8 @@ class TapuiApp(App[int]):
             ("Save body", "Write the shown body to a file, decoded (b)", self.action_save_body),
             ("Replay", "Send the selected flow's request again; the answer is a new flow (r)",
              self.action_replay),
+            ("Edit and replay", "Edit the request in $EDITOR, then send it (R)",
+             self.action_edit_replay),
             ("Export HAR", "Export marked or shown flows as HAR (e)", self.action_export),
             ("Save session", "Save every flow as HAR (w)", self.action_save_session),
             ("Clear flows", "Forget every flow shown so far (z)", self.action_clear),

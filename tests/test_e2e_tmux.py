@@ -337,3 +337,40 @@ def test_sigquit_under_the_ui_reaches_the_command_and_ends_tapui(
         os.kill(_tapui_pid(str(har)), signal.SIGQUIT)
         assert term.exit_status() == 128 + signal.SIGQUIT  # the command's own end
     assert _har_urls(har) == [url]
+
+
+def test_edit_and_replay_sends_the_edited_request(
+    tmux: Callable[[list[str]], Tmux], pool: bytes, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """R opens the request in $EDITOR (here a script that edits the file), and what it saves
+    is sent to the same server; the answer is a new flow."""
+    editor = tmp_path / "editor.sh"
+    editor.write_text("#!/bin/sh\nsed -i 's/name=ada/name=bob/; s/^X-Trace: 7$/X-Trace: 8/' \"$1\"\n")
+    editor.chmod(0o755)
+    monkeypatch.setenv("EDITOR", str(editor))
+    monkeypatch.delenv("VISUAL", raising=False)
+    server = servers.http_server(pool)
+    with servers.running(server) as port:
+        term = tmux(["curl", "-sS", "-H", "X-Trace: 7", "--data-binary", "name=ada",
+                     f"http://{HOST}:{port}/submit"])
+        term.wait(lambda s: re.search(r"POST +host\.tapui\.internal:\d+ +/submit +200", s)
+                  and "[exited 0]" in s, "the POST flow, answered, and the command's exit")
+        term.keys("/")
+        term.wait_for("filter")
+        term.keys("~m POST", literal=True)
+        term.keys("Enter")
+        term.wait(lambda s: FLOWS.search(status_line(s)).group(1) == "1", "the filtered list")
+        term.keys("R")
+        term.wait(lambda s: re.search(r"Replayed #\d+ as #\d+: 200 OK", s),
+                  "the edited request's answer")
+        assert len(server.requests) == 2
+        first, again = server.requests
+        assert (first["body"], _header(first, "X-Trace")) == (b"name=ada", "7")
+        assert (again["method"], again["path"]) == ("POST", "/submit")
+        assert (again["body"], _header(again, "X-Trace")) == (b"name=bob", "8")
+        assert _header(again, "Host") == _header(first, "Host")
+        term.wait(lambda s: re.search(r"\d+ replay +POST +host\.tapui\.internal:\d+ +/submit +200",
+                                      s), "the new flow in the list")
+        term.keys("q")
+        assert term.exit_status() == 0
