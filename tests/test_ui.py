@@ -35,7 +35,7 @@ from tapui.widgets.flow_detail import FlowDetail
 from tapui.widgets.flow_list import FlowList, cells
 from tapui.widgets.help_screen import HelpScreen, key_label
 from tapui.widgets.output_panel import OutputPanel, clean_line
-from tests.ui_fixtures import make_flow, raw_flow, sample_flows
+from tests.ui_fixtures import JSON_BODY, make_flow, raw_flow, sample_flows
 
 SIZE = (140, 30)
 
@@ -513,6 +513,28 @@ async def test_a_body_opens_at_the_first_page_with_the_filters_text() -> None:
     async with text_response_found(text, "needle") as (_, view):
         assert view.pages > 1 and view.page == view.pages - 1
         assert marked(view) == ["needle"]
+
+
+@asynctest
+async def test_v_shows_a_body_as_text_then_as_hex_then_as_its_type_suggests() -> None:
+    app = TapuiApp(flows=sample_flows())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("enter", "2")  # flow 1: a JSON answer
+        view = app.screen.query_one("#response-view", BodyView)
+        body_start = len(view.head)
+
+        def shown() -> list[str]:
+            return [line.plain for line in view.lines[body_start:]]
+
+        assert shown()[:2] == ["{", '  "user": {']  # pretty-printed
+        await pilot.press("v")
+        assert shown()[0] == "── shown as text · v: next view ──"
+        assert shown()[1] == JSON_BODY.decode()  # as sent: one line
+        await pilot.press("v")
+        assert shown()[0] == "── shown as hex · v: next view ──"
+        assert shown()[1].startswith("00000000  7b 22 75 73 65 72 22 3a  7b 22 69 64")
+        await pilot.press("v")
+        assert shown()[:2] == ["{", '  "user": {']
 
 
 @asynctest

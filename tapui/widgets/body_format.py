@@ -230,12 +230,17 @@ class Page:
     kind: str  # "json", "hex", "text", ...
 
 
+#: How a body can be shown: as its type suggests, as the text it is (no pretty-printing, no
+#: protobuf decoding), or as a hex dump.
+VIEWS = ("auto", "text", "hex")
+
+
 def format_body(data: bytes, content_type: str | None, page: int = 0,
-                page_size: int = PAGE_SIZE) -> Page:
-    """Lines for page `page` of a decoded body."""
+                page_size: int = PAGE_SIZE, view: str = "auto") -> Page:
+    """Lines for page `page` of a decoded body, shown in `view` (one of VIEWS)."""
     if not data:
         return Page([Text("(no body)", style="dim")], 0, 1, "empty")
-    readable = body_text(data, content_type)
+    readable = body_text(data, content_type, view)
     if readable is None:
         pages = max(1, math.ceil(len(data) / page_size))
         page = min(max(page, 0), pages - 1)
@@ -245,9 +250,14 @@ def format_body(data: bytes, content_type: str | None, page: int = 0,
 
 
 @functools.lru_cache(maxsize=2)  # (the open flow's request and response: paged, searched)
-def body_text(data: bytes, content_type: str | None) -> tuple[str, str] | None:
-    """A body as the text its pages show, and the kind of text it is; None for a binary
-    body (shown as a hex dump)."""
+def body_text(data: bytes, content_type: str | None,
+              view: str = "auto") -> tuple[str, str] | None:
+    """A body as the text its pages show, and the kind of text it is; None for a body shown
+    as a hex dump (binary, or `view` "hex")."""
+    if view == "hex":
+        return None
+    if view == "text":
+        return printable(data.decode("utf-8", "replace").replace("\r\n", "\n")), "text"
     mtype = media_type(content_type)
     if protobuf_text.handles(mtype):
         decoded = protobuf_text.body_text(data, mtype)
@@ -265,9 +275,9 @@ def body_text(data: bytes, content_type: str | None) -> tuple[str, str] | None:
 
 
 def first_page_with(data: bytes, content_type: str | None, patterns: Sequence[re.Pattern[str]],
-                    page_size: int = PAGE_SIZE) -> int:
+                    page_size: int = PAGE_SIZE, view: str = "auto") -> int:
     """The first page of a body where one of `patterns` finds something (0 if none does)."""
-    readable = body_text(data, content_type) if data else None
+    readable = body_text(data, content_type, view) if data else None
     if readable is None:
         return 0
     for number, chunk in enumerate(_split_pages(readable[0], page_size)):

@@ -20,6 +20,7 @@ from textual.strip import Strip
 from engine.flow import Body, Headers, header
 from tapui.widgets.body_format import (
     PAGE_SIZE,
+    VIEWS,
     Decoded,
     decode,
     first_page_with,
@@ -58,6 +59,7 @@ class BodyView(ScrollView, can_focus=True):
         Binding("G", "scroll_end", "Bottom", show=False),
         Binding("n", "match(1)", "Next match", show=False),
         Binding("N", "match(-1)", "Previous match", show=False),
+        Binding("v", "next_view", "View: auto, text, hex", show=False),
     ]
 
     def __init__(self, *, page_size: int = PAGE_SIZE, id: str | None = None) -> None:
@@ -72,6 +74,7 @@ class BodyView(ScrollView, can_focus=True):
         self.match_lines: list[int] = []  # lines with a mark, in order
         self.page = 0
         self.pages = 1
+        self.view = "auto"  # one of VIEWS: kept while the flow updates
         self.lines: list[Text] = []
         self._strips: dict[int, Strip] = {}
 
@@ -99,7 +102,7 @@ class BodyView(ScrollView, can_focus=True):
             self.page = 0
             if body_marks and self.decoded is not None:
                 self.page = first_page_with(self.decoded.data, self.content_type, body_marks,
-                                            self.page_size)
+                                            self.page_size, self.view)
         self._render_page()
 
     def action_page(self, delta: int) -> None:
@@ -109,6 +112,18 @@ class BodyView(ScrollView, can_focus=True):
         self.page += delta
         self._render_page()
         self.scroll_to(y=len(self.head), animate=False)
+
+    def action_next_view(self) -> None:
+        """Show the body the next way: as its type suggests, as plain text, as a hex dump."""
+        if self.decoded is None:
+            self.app.bell()
+            return
+        self.view = VIEWS[(VIEWS.index(self.view) + 1) % len(VIEWS)]
+        self.page = 0
+        if self.body_marks:
+            self.page = first_page_with(self.decoded.data, self.content_type, self.body_marks,
+                                        self.page_size, self.view)
+        self._render_page()
 
     def action_match(self, step: int) -> None:
         """Scroll the next (`step` 1) or previous (-1) line with a mark to the top (as far as
@@ -129,7 +144,8 @@ class BodyView(ScrollView, can_focus=True):
         matched = [y for y, line in enumerate(lines)
                    if self.head_marks and mark_matches(line, self.head_marks, style)]
         if self.decoded is not None:
-            page = format_body(self.decoded.data, self.content_type, self.page, self.page_size)
+            page = format_body(self.decoded.data, self.content_type, self.page, self.page_size,
+                               self.view)
             self.page, self.pages = page.page, page.pages
             body = [line.copy() for line in page.lines]
             found = [y for y, line in enumerate(body)
@@ -137,6 +153,8 @@ class BodyView(ScrollView, can_focus=True):
             info = [self.note] if self.note else []
             if self.decoded.note:
                 info.append(self.decoded.note)
+            if self.view != "auto":
+                info.append(f"shown as {self.view} · v: next view")
             if page.pages > 1:
                 info.append(f"page {page.page + 1}/{page.pages} of {len(self.decoded.data):,}"
                             " bytes · ] next page · [ previous page")
