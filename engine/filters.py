@@ -28,7 +28,17 @@ from typing import AnyStr
 
 from engine import grpc
 from engine.content import ContentDecodeError, decode_body
-from engine.flow import Body, Flow, FlowKind, Headers, header
+from engine.flow import (
+    Body,
+    ConnectionSummary,
+    EventKind,
+    Flow,
+    FlowEvent,
+    FlowKind,
+    FlowListener,
+    Headers,
+    header,
+)
 
 #: Raw body bytes read for body matching; larger bodies are searched in their first bytes only.
 BODY_SEARCH_LIMIT = 1024 * 1024
@@ -581,3 +591,35 @@ def search_terms(expr: str) -> SearchTerms:
 
     walk(tree)
     return SearchTerms(*(tuple(part) for part in parts))
+
+
+class OutputFilter:
+    """`--filter`: what the run's outputs (its lines, the HAR, the JSON lines) keep: finished
+    flows the expression matches, and closed connections it matches as raw TCP flows (`~tcp`,
+    `~d host`, ...)."""
+
+    def __init__(self, expr: str) -> None:
+        self.expr = expr
+        self.matches = parse(expr)  # raises FilterError
+
+    def events(self, listener: FlowListener) -> FlowListener:
+        """`listener`, given only the DONE events of matching flows."""
+
+        def only_matching(event: FlowEvent) -> None:
+            if event.kind is EventKind.DONE and self.matches(event.flow):
+                listener(event)
+
+        return only_matching
+
+    def connections(self, listener: Callable[[ConnectionSummary], None]
+                    ) -> Callable[[ConnectionSummary], None]:
+        """`listener`, given only the closed connections that match as raw flows."""
+
+        def only_matching(summary: ConnectionSummary) -> None:
+            flow = Flow(conn=summary.info, kind=FlowKind(summary.info.transport), id=0)
+            flow.bytes_sent, flow.bytes_received = summary.sent, summary.received
+            flow.error = summary.error
+            if self.matches(flow):
+                listener(summary)
+
+        return only_matching

@@ -93,11 +93,14 @@ class TapuiApp(App[int]):
         session: SessionWriter | None = None,
         filter_history: Path | None = None,
         replayer: Replayer | None = None,
+        initial_filter: str = "",
     ) -> None:
         """`filter_history`: the file that keeps the filters across runs (none: this run's).
-        `replayer`: sends a flow's request again (a live session's; none when browsing)."""
+        `replayer`: sends a flow's request again (a live session's; none when browsing).
+        `initial_filter`: applied from the start (a valid expression: --filter checked it)."""
         super().__init__()
         self.replayer = replayer
+        self._initial_filter = initial_filter
         self._filter_history = FilterHistory(filter_history)
         self.title = title
         self.bus = bus
@@ -139,6 +142,9 @@ class TapuiApp(App[int]):
         if self.status is not None and self.status.output_fd is not None:
             self._reader = OutputReader(self.status.output_fd)
             self._reader.start()
+        if self._initial_filter:
+            self.store.set_filter(self._initial_filter)
+            self.filter_bar.applied = self._initial_filter
         self.flow_list.focus()
         self.flow_list.sync()
         self.update_status()
@@ -521,7 +527,7 @@ class TapuiApp(App[int]):
             yield SystemCommand(title, help_text, callback)
 
 
-def run_viewer(path: str) -> int:
+def run_viewer(path: str, initial_filter: str = "") -> int:
     """`tapui open FILE`: browse a session file or a HAR file. Returns the exit code."""
     from engine.errors import TapuiError
     from engine.har import HarError
@@ -538,7 +544,7 @@ def run_viewer(path: str) -> int:
         return 2
     try:
         TapuiApp(store=store, title=f"tapui · {os.path.basename(path)}",
-                 filter_history=filter_history_file()).run()
+                 filter_history=filter_history_file(), initial_filter=initial_filter).run()
     finally:
         store.close()
     return 0

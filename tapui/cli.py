@@ -22,6 +22,7 @@ from engine.sandbox import TUN_ENV, command_placement, spawn_helper
 
 if TYPE_CHECKING:
     from engine.capture import Capture, CaptureOptions
+    from engine.filters import OutputFilter
     from engine.session import SessionWriter
 
 _EXAMPLES = [
@@ -76,7 +77,7 @@ def publish_arg(text: str) -> Published:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapui",
-        usage="tapui [options] [--] [COMMAND [ARGS...]]\n       tapui open [FILE | N]\n"
+        usage="tapui [options] [--] [COMMAND [ARGS...]]\n       tapui open [--filter EXPR] [FILE | N]\n"
         "       tapui sessions\n       tapui ca [--pem FILE]",
         description=(
             "Run COMMAND in a rootless sandbox and show every HTTP and HTTPS exchange it makes. "
@@ -92,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "exchange, per connection and per failed DNS lookup to stderr",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="with --no-ui: print no lines")
+    parser.add_argument(
+        "--filter",
+        metavar="EXPR",
+        help="keep only the flows EXPR matches (the UI's filter syntax, e.g. '~d api & ~m "
+        "POST'): the lines printed, --har and --jsonl; the UI opens with it applied; the "
+        "session file keeps every flow",
+    )
     parser.add_argument("--har", metavar="FILE", help="write a HAR 1.2 file of the session at exit")
     parser.add_argument(
         "--jsonl", metavar="FILE", help="stream one JSON object per finished flow to FILE ('-' for stdout)"
@@ -260,11 +268,18 @@ def cmd_open(argv: list[str]) -> int:
              "number N: the Nth newest kept session, as `tapui sessions` numbers them; none: "
              "the newest",
     )
+    parser.add_argument("--filter", metavar="EXPR", default="",
+                        help="open with this filter applied (the filter bar's syntax)")
     args = parser.parse_args(argv)
+    from engine.filters import FilterError, parse
     from engine.sessions import session_to_open
     from tapui.app import run_viewer
 
-    return run_viewer(session_to_open(args.file))
+    try:
+        parse(args.filter)
+    except FilterError as exc:
+        parser.error(f"--filter {args.filter!r}: {exc.message} at character {exc.pos + 1}")
+    return run_viewer(session_to_open(args.file), args.filter)
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -298,6 +313,13 @@ def cmd_run(argv: list[str]) -> int:
             parser.error(f"--ignore-hosts {pattern!r}: {exc}")
     if args.save and args.no_save:
         parser.error("--save and --no-save exclude each other")
+    if args.filter is not None:
+        from engine.filters import FilterError, OutputFilter
+
+        try:
+            args.filter = OutputFilter(args.filter)
+        except FilterError as exc:
+            parser.error(f"--filter {args.filter!r}: {exc.message} at character {exc.pos + 1}")
     if args.har:
         why = unwritable(args.har)
         if why:  # said now, not after the command has run
@@ -340,8 +362,9 @@ def _run(args: argparse.Namespace, command: list[str], options: CaptureOptions) 
         writer = open_session_writer(
             args.save, command, bus, max_session_size=args.max_session_size
         )
-    recorder = Recorder(bus) if args.har else None
-    jsonl_out = open_jsonl(args.jsonl, bus) if args.jsonl else None
+    only: OutputFilter | None = args.filter
+    recorder = Recorder(bus, only) if args.har else None
+    jsonl_out = open_jsonl(args.jsonl, bus, only) if args.jsonl else None
     status = RunStatus(command=command)
     finishing = threading.Lock()
     finished = threading.Event()
@@ -365,9 +388,10 @@ def _run(args: argparse.Namespace, command: list[str], options: CaptureOptions) 
         if args.no_ui:
             if writer is not None:
                 writer.on_failure = _warn_once_when_saving_stops(writer)
-            code = run_headless(options, bus, status, quiet=args.quiet)
+            code = run_headless(options, bus, status, quiet=args.quiet, only=only)
         else:
-            code = run_with_ui(options, bus, status, writer, finish_outputs)
+            code = run_with_ui(options, bus, status, writer, finish_outputs,
+                               initial_filter=only.expr if only is not None else "")
     finally:
         finish_outputs()
     return code
@@ -414,12 +438,12 @@ def _warn_once_when_saving_stops(writer: SessionWriter):  # type: ignore[no-unty
 
 
 class Recorder:
-    """Keeps finished flows for the HAR written at exit."""
+    """Keeps finished flows (those `only` matches) for the HAR written at exit."""
 
-    def __init__(self, bus: FlowBus) -> None:
+    def __init__(self, bus: FlowBus, only: OutputFilter | None = None) -> None:
         self.flows: list[Flow] = []
         self.lock = threading.Lock()
-        bus.subscribe(self)
+        bus.subscribe(self if only is None else only.events(self))
 
     def __call__(self, event: FlowEvent) -> None:
         if event.kind == EventKind.DONE and event.flow.request is not None:
@@ -437,14 +461,15 @@ class Recorder:
             print(f"tapui: cannot write {path}: {exc.strerror}", file=sys.stderr)
 
 
-def open_jsonl(target: str, bus: FlowBus):  # type: ignore[no-untyped-def]
+def open_jsonl(target: str, bus: FlowBus, only: OutputFilter | None = None):  # type: ignore[no-untyped-def]
     from engine.jsonl import JsonLinesWriter
 
     try:
         out = sys.stdout if target == "-" else open(target, "w", buffering=1)  # noqa: SIM115
     except OSError as exc:
         raise TapuiError(f"tapui: cannot write {target}: {exc.strerror}", EXIT_USAGE) from None
-    bus.subscribe(JsonLinesWriter(out))
+    writer = JsonLinesWriter(out)
+    bus.subscribe(writer if only is None else only.events(writer))
     return out
 
 
@@ -454,14 +479,19 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 UI_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
-def run_headless(options: CaptureOptions, bus: FlowBus, status: RunStatus, quiet: bool) -> int:
+def run_headless(options: CaptureOptions, bus: FlowBus, status: RunStatus, quiet: bool,
+                 only: OutputFilter | None = None) -> int:
     from engine.capture import Capture
 
     capture = Capture(options, bus, status)
     if not quiet:
         printer = LinePrinter()
-        bus.subscribe(printer)
-        capture.connection_listeners.append(printer.connection_closed)
+        if only is None:
+            bus.subscribe(printer)
+            capture.connection_listeners.append(printer.connection_closed)
+        else:
+            bus.subscribe(only.events(printer))
+            capture.connection_listeners.append(only.connections(printer.connection_closed))
     try:
         capture.start()
     except BaseException:
@@ -493,7 +523,7 @@ UI_STOP_GRACE = 5.0
 
 def run_with_ui(
     options: CaptureOptions, bus: FlowBus, status: RunStatus, writer: SessionWriter | None = None,
-    finish_outputs: Callable[[], None] | None = None,
+    finish_outputs: Callable[[], None] | None = None, initial_filter: str = "",
 ) -> int:
     import asyncio
     import pty
@@ -540,7 +570,8 @@ def run_with_ui(
     replayer = Replayer(bus, ReplayOptions(options.insecure, list(options.upstream_ca),
                                            options.body_cap))
     app = TapuiApp(bus=bus, status=status, title="tapui " + " ".join(options.argv), store=store,
-                   session=writer, filter_history=filter_history_file(), replayer=replayer)
+                   session=writer, filter_history=filter_history_file(), replayer=replayer,
+                   initial_filter=initial_filter)
 
     ui_done = threading.Event()
 

@@ -151,3 +151,46 @@ def _wait_for_child(pid: int, marker: bytes, timeout: float = 30) -> int:
                 continue
         time.sleep(0.05)
     raise AssertionError(f"tapui ({pid}) did not start a {marker.decode()} process")
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_filter_keeps_only_matching_flows_in_lines_har_and_jsonl(
+    http_port: int, tmp_path: Path
+) -> None:
+    har, jsonl, session = tmp_path / "out.har", tmp_path / "out.jsonl", tmp_path / "s.tapui"
+    url = f"http://{HOST}:{http_port}"
+    script = (f"curl -4 -s -o /dev/null {url}/hello && "
+              f"curl -4 -s -o /dev/null --data-binary x=1 {url}/submit")
+    result = run_tapui("--no-ui", "--filter", "~m POST", "--har", str(har), "--jsonl",
+                       str(jsonl), "--save", str(session), "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tapui: ")]
+    assert len(lines) == 1 and f" POST {url}/submit 200 " in lines[0], result.stderr
+    assert [e["request"]["method"] for e in json.loads(har.read_text())["log"]["entries"]] == [
+        "POST"]
+    assert [json.loads(line)["method"] for line in jsonl.read_text().splitlines()] == ["POST"]
+    kept = session_to_open(str(session))  # the session keeps every flow
+    from engine.session_store import SessionStore
+
+    with_requests = [f.request.method for f in SessionStore(kept) if f.request is not None]
+    assert sorted(with_requests) == ["GET", "POST"]
+
+
+@pytest.mark.usefixtures("sandbox")
+def test_a_filter_on_raw_flows_keeps_the_connection_lines(http_port: int) -> None:
+    result = run_tapui("--no-ui", "--filter", "~tcp", "--", "curl", "-4", "-s", "-o",
+                       "/dev/null", f"http://{HOST}:{http_port}/hello")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tapui: ")]
+    assert len(lines) == 1, result.stderr
+    assert f" tcp {HOST}:{http_port} sent " in lines[0]
+
+
+def test_a_bad_filter_is_a_usage_error_before_anything_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    result = run_tapui("--no-ui", "--filter", "~d api & (", "--", "touch", str(marker))
+    assert result.returncode == 2 and not marker.exists()
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "tapui: error: --filter '~d api & (': ")
+    assert "at character" in result.stderr

@@ -687,6 +687,16 @@ async def test_replay_needs_a_live_session() -> None:
 
 
 @asynctest
+async def test_an_initial_filter_is_applied_and_shown() -> None:
+    app = TapuiApp(flows=sample_flows(), initial_filter="~m POST")
+    async with app.run_test(size=SIZE) as pilot:
+        assert shown_ids(app) == [4]
+        assert "filter: ~m POST" in str(app.query_one("#status").render())
+        await pilot.press("f")  # the bar opens with it, to change it
+        assert app.filter_bar.input.value == "~m POST"
+
+
+@asynctest
 async def test_open_har_file(tmp_path: Path) -> None:
     path = tmp_path / "session.har"
     write_har(path, sample_flows())
