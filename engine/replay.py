@@ -10,9 +10,11 @@ Blocking: run it in a worker thread.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -60,6 +62,21 @@ class Replayer:
         self.bus = bus
         self.options = options
         self._context: tls.ResumingContext | None = None
+        self._sockets: set[socket.socket] = set()  # of replays under way
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def stop(self) -> None:
+        """End the replays under way at once (tapui is quitting: their threads must not keep
+        it waiting on a slow server); later ones fail."""
+        with self._lock:
+            self._stopped = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def check(self, flow: Flow) -> None:
         """Raises ReplayError when `flow` cannot be replayed (before any work is started)."""
@@ -103,11 +120,12 @@ class Replayer:
         error = None
         self.bus.subscribe(new_flows)
         try:
-            with sock:
-                try:
-                    exchange(sock, request, body, observer)
-                except (OSError, ssl.SSLError, h2.exceptions.ProtocolError) as exc:
-                    error = f"replay: {_reason(exc)}"
+            try:
+                exchange(sock, request, body, observer)
+            except (OSError, ssl.SSLError, h2.exceptions.ProtocolError) as exc:
+                error = f"replay: {_reason(exc)}"
+            finally:
+                self._forget(sock)
             observer.close(error)
         finally:
             self.bus.unsubscribe(new_flows)
@@ -117,7 +135,14 @@ class Replayer:
 
     def _connect(self, conn: Connection, https: bool, http2: bool) -> socket.socket:
         assert conn.upstream is not None
+        if self._stopped:
+            raise ConnectionAbortedError(errno.ECONNABORTED, "tapui is quitting")
         sock = socket.create_connection(conn.upstream, timeout=TIMEOUT)
+        with self._lock:
+            if self._stopped:  # (stopped while it connected)
+                sock.close()
+                raise ConnectionAbortedError(errno.ECONNABORTED, "tapui is quitting")
+            self._sockets.add(sock)
         conn.client = sock.getsockname()[:2]
         conn.timings.connect = time.time()
         if not https:
@@ -129,8 +154,11 @@ class Replayer:
         try:
             tls_sock = self._context.wrap_socket(sock, server_hostname=conn.sni)
         except BaseException:
-            sock.close()
+            self._forget(sock)
             raise
+        with self._lock:  # (the SSLSocket took over the fd: shutting it down still works)
+            self._sockets.discard(sock)
+            self._sockets.add(tls_sock)
         conn.timings.tls = time.time()
         conn.alpn = tls_sock.selected_alpn_protocol()
         conn.tls_version = tls_sock.version()
@@ -138,6 +166,11 @@ class Replayer:
         if der:
             conn.certificate = tls.cert_info(der)
         return tls_sock
+
+    def _forget(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        sock.close()
 
     def _failed(self, conn: Connection, request: Request, body: bytes,
                 reason: BaseException | str) -> Flow:

@@ -153,6 +153,8 @@ class TapuiApp(App[int]):
     def on_unmount(self) -> None:
         if self.bus is not None:
             self.store.detach(self.bus)
+        if self.replayer is not None:
+            self.replayer.stop()  # a replay waiting on a slow server must not hold up the exit
 
     # --- live updates -------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +149,24 @@ def test_flows_that_cannot_be_replayed_say_why() -> None:
     never.conn.upstream = None
     with pytest.raises(ReplayError, match="never reached a server"):
         replayer.replay(never)
+
+
+def test_stop_ends_a_replay_waiting_on_a_silent_server() -> None:
+    """Quitting must not wait out a server that never answers."""
+    release = threading.Event()
+    with servers.running(servers.hold_open_server(release)) as port:
+        flow = make_flow(10**9, scheme="http", authority=f"127.0.0.1:{port}", path="/slow")
+        replayer = Replayer(FlowBus(), ReplayOptions())
+        result: list[Flow] = []
+        thread = threading.Thread(target=lambda: result.append(replayer.replay(flow)))
+        thread.start()
+        time.sleep(0.5)
+        assert thread.is_alive()  # waiting for the answer
+        started = time.monotonic()
+        replayer.stop()
+        thread.join(5)
+        release.set()
+    assert not thread.is_alive() and time.monotonic() - started < 2
+    assert result[0].response is None and result[0].error is not None
+    later = replayer.replay(flow)  # (the server is gone too: stopped comes first)
+    assert later.error == "replay: tapui is quitting"
