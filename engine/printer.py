@@ -8,7 +8,17 @@ import time
 from typing import TextIO
 
 from engine import grpc
-from engine.flow import ConnectionSummary, EventKind, Flow, FlowEvent, FlowKind, cut_short
+from engine.content import media_type, text_for_search
+from engine.flow import (
+    Body,
+    ConnectionSummary,
+    EventKind,
+    Flow,
+    FlowEvent,
+    FlowKind,
+    Headers,
+    cut_short,
+)
 
 _RESET = "\x1b[0m"
 _DIM = "\x1b[2m"
@@ -69,6 +79,42 @@ def exchange_line(flow: Flow, colour: bool) -> str:
     return line
 
 
+#: Body bytes printed at most per body with -vv.
+BODY_PREVIEW = 4096
+
+
+def detail_lines(flow: Flow, level: int) -> list[str]:
+    """What -v (`level` 1: headers) and -vv (2: and bodies, the first BODY_PREVIEW bytes of
+    text ones) add under an exchange's line: "> " the request, "< " the response."""
+    lines: list[str] = []
+    for mark, message in (("> ", flow.request), ("< ", flow.response)):
+        if message is None:
+            continue
+        lines += [f"{mark}{name}: {value}" for name, value in message.headers]
+        if level >= 2 and message.body.size:
+            lines.append(mark.rstrip())
+            lines += [mark + line for line in _body_preview(message.body, message.headers)]
+        if message.trailers:
+            lines += [f"{mark}{name}: {value} (trailer)" for name, value in message.trailers]
+    return [_printable(line) for line in lines]
+
+
+def _body_preview(body: Body, headers: Headers) -> list[str]:
+    text = text_for_search(body, headers, limit=BODY_PREVIEW)
+    kind = media_type(headers) or "no content type"
+    if text is None:
+        return [f"[{body.size:,} bytes, {kind}, not text]"]
+    lines = text.splitlines() or [""]
+    if body.size > BODY_PREVIEW or body.truncated:
+        lines.append(f"[… {body.size:,} bytes in all]")
+    return lines
+
+
+def _printable(line: str) -> str:
+    """No terminal control codes from the network reach the terminal."""
+    return "".join(ch if ch.isprintable() or ch == "\t" else "\ufffd" for ch in line)
+
+
 def connection_line(summary: ConnectionSummary, colour: bool) -> str:
     conn = summary.info
     host = conn.sni or conn.hostname or conn.server[0]
@@ -90,9 +136,12 @@ class LinePrinter:
     """Prints finished HTTP exchanges (a FlowBus listener), closed connections and failed DNS
     lookups."""
 
-    def __init__(self, out: TextIO | None = None, colour: bool | None = None) -> None:
+    def __init__(self, out: TextIO | None = None, colour: bool | None = None,
+                 detail: int = 0) -> None:
+        """`detail`: 1 adds each exchange's headers, 2 its bodies too (see detail_lines)."""
         self.out = out or sys.stderr
         self.colour = self.out.isatty() if colour is None else colour
+        self.detail = detail
         self.lock = threading.Lock()
 
     def __call__(self, event: FlowEvent) -> None:
@@ -100,7 +149,10 @@ class LinePrinter:
             return
         flow = event.flow
         if flow.request is not None:
-            self._write(exchange_line(flow, self.colour))
+            lines = [exchange_line(flow, self.colour)]
+            if self.detail:
+                lines += ["  " + line for line in detail_lines(flow, self.detail)]
+            self._write(*lines)
         elif flow.kind == FlowKind.DNS and flow.error:  # a lookup that failed: often the why
             line = f"{clock(flow.timings.start)} dns {flow.conn.hostname} error: {flow.error}"
             self._write((_ERROR + line + _RESET) if self.colour else line)
@@ -113,10 +165,10 @@ class LinePrinter:
     def connection_closed(self, summary: ConnectionSummary) -> None:
         self._write(connection_line(summary, self.colour))
 
-    def _write(self, line: str) -> None:
-        with self.lock:
+    def _write(self, *lines: str) -> None:
+        with self.lock:  # (an exchange's lines stay together)
             try:
-                self.out.write("tapui: " + line + "\n")
+                self.out.write("".join(f"tapui: {line}\n" for line in lines))
                 self.out.flush()
             except (OSError, ValueError):
                 pass

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="with --no-ui: print no lines")
     parser.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="with --no-ui: also print each exchange's headers; -vv its bodies too (the first "
+        "4 KiB of text ones, decoded)",
+    )
+    parser.add_argument(
         "--filter",
         metavar="EXPR",
         help="keep only the flows EXPR matches (the UI's filter syntax, e.g. '~d api & ~m "
@@ -388,7 +393,8 @@ def _run(args: argparse.Namespace, command: list[str], options: CaptureOptions) 
         if args.no_ui:
             if writer is not None:
                 writer.on_failure = _warn_once_when_saving_stops(writer)
-            code = run_headless(options, bus, status, quiet=args.quiet, only=only)
+            code = run_headless(options, bus, status, quiet=args.quiet, only=only,
+                                detail=args.verbose)
         else:
             code = run_with_ui(options, bus, status, writer, finish_outputs,
                                initial_filter=only.expr if only is not None else "")
@@ -480,12 +486,12 @@ UI_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def run_headless(options: CaptureOptions, bus: FlowBus, status: RunStatus, quiet: bool,
-                 only: OutputFilter | None = None) -> int:
+                 only: OutputFilter | None = None, detail: int = 0) -> int:
     from engine.capture import Capture
 
     capture = Capture(options, bus, status)
     if not quiet:
-        printer = LinePrinter()
+        printer = LinePrinter(detail=detail)
         if only is None:
             bus.subscribe(printer)
             capture.connection_listeners.append(printer.connection_closed)

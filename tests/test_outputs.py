@@ -194,3 +194,37 @@ def test_a_bad_filter_is_a_usage_error_before_anything_runs(tmp_path: Path) -> N
     assert result.stderr.strip().splitlines()[-1].startswith(
         "tapui: error: --filter '~d api & (': ")
     assert "at character" in result.stderr
+
+
+@pytest.mark.usefixtures("sandbox")
+@pytest.mark.parametrize("level", [1, 2])
+def test_verbose_prints_headers_and_with_vv_bodies(
+    http_port: int, level: int
+) -> None:
+    url = f"http://{HOST}:{http_port}/submit"
+    result = run_tapui("--no-ui", "-" + "v" * level, "--filter", "~m POST", "--", "curl", "-4",
+                       "-s", "-H", "X-Trace: 7", "--data-binary", "name=ada", url)
+    assert result.returncode == 0, result.stderr
+    digest = result.stdout.strip()
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tapui: ")]
+    assert f" POST {url} 200 " in lines[0]
+    assert "tapui:   > X-Trace: 7" in lines and "tapui:   < Content-Type: text/plain" in lines
+    bodies = ["tapui:   > name=ada", f"tapui:   < {digest}"]
+    if level == 1:
+        assert not set(bodies) & set(lines)
+    else:
+        assert lines.index("tapui:   > name=ada") < lines.index(f"tapui:   < {digest}")
+
+
+def test_detail_lines_say_what_a_binary_or_long_body_is_and_escape_controls() -> None:
+    from engine.printer import BODY_PREVIEW, detail_lines
+    from tests.ui_fixtures import make_flow
+
+    image = make_flow(1, response_headers=[("Content-Type", "image/png")],
+                      response_body=b"\x89PNG\r\n" + bytes(100))
+    assert detail_lines(image, 2)[-1] == "< [106 bytes, image/png, not text]"
+    long = make_flow(2, response_body=b"a\x1b[31mb\n" + b"x" * (2 * BODY_PREVIEW))
+    shown = detail_lines(long, 2)
+    assert "< a\ufffd[31mb" in shown
+    assert shown[-1] == f"< [… {8 + 2 * BODY_PREVIEW:,} bytes in all]"
+    assert all(len(line) < BODY_PREVIEW + 10 for line in shown)
