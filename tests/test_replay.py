@@ -170,3 +170,16 @@ def test_stop_ends_a_replay_waiting_on_a_silent_server() -> None:
     assert result[0].response is None and result[0].error is not None
     later = replayer.replay(flow)  # (the server is gone too: stopped comes first)
     assert later.error == "replay: tapui is quitting"
+
+
+def test_a_cleartext_http2_flow_is_replayed_with_prior_knowledge(
+    ca: trustme.CA, pool: bytes, tmp_path: Path
+) -> None:
+    with tls_servers.running_h2(ca, pool, tls=False) as server:
+        flow = recorded(tmp_path, "curl", "-sS", "--http2-prior-knowledge",
+                        f"http://{HOST}:{server.port}/hello")
+        replayed = Replayer(FlowBus(), ReplayOptions()).replay(flow)
+        assert len(server.requests) == 2
+    assert replayed.request is not None and replayed.request.http_version == "HTTP/2"
+    assert replayed.response is not None and replayed.response.status == 200
+    assert replayed.response.body.read() == b"hello over h2\n"
