@@ -211,6 +211,9 @@ class Connection:
     #: Made from the host to a published port: the client is on the host, the server (the
     #: command's) in the sandbox.
     inbound: bool = False
+    #: Through a proxy's tunnel: ("connect" or "socks", the far end "host:port" asked for);
+    #: `server` and `upstream` are then the proxy's.
+    tunnel: tuple[str, str] | None = None
     #: Connection-level phases (start, dns, connect, tls); the first flow on it copies them.
     timings: Timings = field(default_factory=Timings)
 

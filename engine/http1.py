@@ -195,8 +195,10 @@ class Http1Observer:
         self._h2: Http2Observer | None = None
         self._announce: Flow | None = None  # a response head not yet told (see _announce_response)
         self._closed = False
-        #: A proxy accepted a CONNECT: the bytes that follow are the app's with the far end.
+        #: A proxy accepted a CONNECT: the bytes that follow are the app's with the far end,
+        #: `tunnel_target` ("host:port", as the CONNECT asked).
         self.tunnel = False
+        self.tunnel_target: str | None = None
 
     # -- StreamObserver -----------------------------------------------------------------------
 
@@ -460,6 +462,7 @@ class Http1Observer:
         if event.status_code != 101 or "websocket" not in upgrade:
             self._dead = True  # h2c, TLS upgrades, tunnels: not decoded here
             self.tunnel = ex.method == b"CONNECT"
+            self.tunnel_target = flow.request.path if self.tunnel and flow.request else None
             self.bus.done(flow)
             return
         flow.kind = FlowKind.WEBSOCKET

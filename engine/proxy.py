@@ -26,6 +26,7 @@ from engine.dns import DnsResolver
 from engine.flow import Connection, ConnectionSummary, FlowBus, Timings, next_connection_id
 from engine.http2 import looks_like_h2_settings
 from engine.observer import StreamObserver
+from engine.socks import SocksObserver
 from engine.tcp import TcpConnection
 from engine.tls_endpoint import TlsEndpoint
 from engine.upstream import ReadPoller, UpstreamTransport
@@ -779,6 +780,12 @@ class Relay:
         """A proxy (HTTP or SOCKS) accepted the app's CONNECT: what the app sends next is meant
         for the far end, so it is told apart afresh (TLS intercepted, HTTP decoded) as on a new
         connection."""
+        observer = self.observer
+        if isinstance(observer, SocksObserver) and observer.target is not None:
+            host, port = observer.target
+            self.info.tunnel = ("socks", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        elif getattr(observer, "tunnel_target", None):
+            self.info.tunnel = ("connect", observer.tunnel_target)  # type: ignore[union-attr]
         self._close_observer(None)  # (the CONNECT flow is done)
         self.mode = "sniff"
         self.tunnel_opened = time.time()

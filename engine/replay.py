@@ -93,7 +93,7 @@ class Replayer:
         https = request.scheme == "https"
         conn = Connection(
             id=next_connection_id(), client=("", 0), server=original.server,
-            upstream=original.upstream, hostname=original.hostname,
+            upstream=original.upstream, hostname=original.hostname, tunnel=original.tunnel,
             sni=(original.sni or request.host) if https else None,
             pid=os.getpid(), timings=Timings(),
             command=f"replay of #{flow.id}" + (", edited" if edited else ""),
@@ -144,6 +144,12 @@ class Replayer:
                 raise ConnectionAbortedError(errno.ECONNABORTED, "tapui is quitting")
             self._sockets.add(sock)
         conn.client = sock.getsockname()[:2]
+        if conn.tunnel is not None:  # (the original went through an HTTP proxy's tunnel)
+            try:
+                _open_tunnel(sock, conn.tunnel[1])
+            except BaseException:
+                self._forget(sock)
+                raise
         conn.timings.connect = time.time()
         if not https:
             return sock
@@ -192,6 +198,9 @@ def _replayable(flow: Flow, edited: Request | None = None) -> tuple[Request, byt
                           "replay sends only what the command sent.")
     if flow.conn.upstream is None:
         raise ReplayError(f"Flow #{flow.id} never reached a server: nothing to replay it to.")
+    if flow.conn.tunnel is not None and flow.conn.tunnel[0] != "connect":
+        raise ReplayError(f"Flow #{flow.id} went through a SOCKS proxy: replay goes through "
+                          "HTTP proxies (CONNECT) only.")
     if request.method.upper() == "CONNECT":
         raise ReplayError(f"Flow #{flow.id} is a CONNECT tunnel: it cannot be replayed.")
     request = edited or request
@@ -199,6 +208,24 @@ def _replayable(flow: Flow, edited: Request | None = None) -> tuple[Request, byt
         raise ReplayError(f"Flow #{flow.id}'s request body was kept only in part "
                           f"({request.body.kept:,} of {request.body.size:,} bytes).")
     return request, request.body.read() if request.body.kept else b""
+
+
+def _open_tunnel(sock: socket.socket, target: str) -> None:
+    """Ask the proxy at the other end of `sock` for a tunnel to `target`, as the original's
+    client did (without its proxy credentials: a proxy that wants them answers 407)."""
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode("latin-1"))
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):  # a byte at a time: what follows is the far end's
+        byte = sock.recv(1)
+        if not byte:
+            raise ConnectionError("the proxy closed the connection instead of opening a tunnel")
+        head += byte
+        if len(head) > 65536:
+            raise ConnectionError("the proxy's answer to CONNECT does not end")
+    status = head[: head.find(b"\r\n")].decode("latin-1")
+    parts = status.split(" ", 2)
+    if len(parts) < 2 or not parts[1].startswith("2"):
+        raise ConnectionError(f"the proxy did not open a tunnel to {target}: {status}")
 
 
 def _reason(exc: BaseException) -> str:

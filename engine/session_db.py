@@ -284,7 +284,7 @@ def details_json(flow: Flow) -> str:
             "hostname": conn.hostname, "sni": conn.sni, "alpn": conn.alpn,
             "tls": conn.tls_version, "pid": conn.pid, "command": conn.command,
             "transport": conn.transport, "t": _timings(conn.timings),
-            "in": conn.inbound,
+            "in": conn.inbound, "tun": list(conn.tunnel) if conn.tunnel else None,
             "cert": None if cert is None else [cert.subject, cert.issuer, cert.not_before,
                                                cert.not_after, list(cert.sans)],
         },

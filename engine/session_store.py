@@ -457,6 +457,7 @@ def _flow(ident: int, kind: str, state: str, error: str | None, d: dict[str, Any
         hostname=c.get("hostname"), sni=c.get("sni"), alpn=c.get("alpn"),
         tls_version=c.get("tls"), pid=c.get("pid"), command=c.get("command"),
         transport=c.get("transport", "tcp"), inbound=c.get("in", False),
+        tunnel=tuple(c["tun"]) if c.get("tun") else None,  # type: ignore[arg-type]
         timings=Timings(*c["t"]),
         certificate=Certificate(*cert[:4], sans=list(cert[4])) if cert else None,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -183,3 +184,36 @@ def test_a_cleartext_http2_flow_is_replayed_with_prior_knowledge(
     assert replayed.request is not None and replayed.request.http_version == "HTTP/2"
     assert replayed.response is not None and replayed.response.status == 200
     assert replayed.response.body.read() == b"hello over h2\n"
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_a_flow_through_a_proxys_tunnel_is_replayed_through_a_new_tunnel(
+    https: servers._ThreadingServer, http_server: servers._ThreadingServer, ca_file: str,
+    tmp_path: Path, scheme: str,
+) -> None:
+    port = (https if scheme == "https" else http_server).server_address[1]
+    url = f"{scheme}://api.example.test:{port}/hello"
+    tunnels = servers.connect_proxy()
+    with servers.running(tunnels) as proxy_port:
+        proxy = f"http://127.0.0.1:{proxy_port}"  # (the host's: tapui points it there)
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env |= {"https_proxy": proxy, "http_proxy": proxy}
+        session = tmp_path / "run.tapui"
+        result = run_tapui("--no-ui", "-q", "--upstream-ca", ca_file, "--save", str(session),
+                           "--", "curl", "-sS", "--proxytunnel", url, env=env)
+        assert result.returncode == 0, result.stderr
+        [flow] = [f for f in SessionStore(session) if f.request and f.request.method == "GET"]
+        assert flow.conn.tunnel == ("connect", f"api.example.test:{port}")
+        replayed = Replayer(FlowBus(), ReplayOptions(upstream_ca=[ca_file])).replay(flow)
+    assert tunnels.targets == [f"api.example.test:{port}"] * 2  # type: ignore[attr-defined]
+    assert replayed.error is None, replayed.error
+    assert replayed.response is not None and replayed.response.body.read() == (
+        b"hello from the host\n")
+    assert replayed.conn.tunnel == flow.conn.tunnel
+
+
+def test_a_flow_through_a_socks_proxy_is_not_replayed() -> None:
+    flow = make_flow(7)
+    flow.conn.tunnel = ("socks", "api.example.test:443")
+    with pytest.raises(ReplayError, match="went through a SOCKS proxy"):
+        Replayer(FlowBus(), ReplayOptions()).replay(flow)
