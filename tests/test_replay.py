@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import trustme
+from rich.console import Console
 
 from engine.flow import Body, EventKind, Flow, FlowBus, FlowEvent, FlowKind
 from engine.replay import Replayer, ReplayError, ReplayOptions
 from engine.session_store import SessionStore
+from tapui.widgets.connection_view import render_connection
 from tests import servers, tls_servers
 from tests.conftest import HOST, run_tapui
 from tests.ui_fixtures import make_flow, raw_flow
@@ -204,6 +206,9 @@ def test_a_flow_through_a_proxys_tunnel_is_replayed_through_a_new_tunnel(
         assert result.returncode == 0, result.stderr
         [flow] = [f for f in SessionStore(session) if f.request and f.request.method == "GET"]
         assert flow.conn.tunnel == ("connect", f"api.example.test:{port}")
+        console = Console(width=120, record=True)
+        console.print(render_connection(flow))  # the Connection tab says so
+        assert f"to api.example.test:{port}, through the HTTP proxy above" in console.export_text()
         replayed = Replayer(FlowBus(), ReplayOptions(upstream_ca=[ca_file])).replay(flow)
     assert tunnels.targets == [f"api.example.test:{port}"] * 2  # type: ignore[attr-defined]
     assert replayed.error is None, replayed.error

@@ -31,6 +31,10 @@ def render_connection(flow: Flow) -> Table:
     row("client", _addr(conn.client) + (" (on the host)" if conn.inbound else ""))
     row("server", _addr(conn.server) + (" (in the sandbox)" if conn.inbound else ""))
     row("upstream", _addr(conn.upstream))
+    if conn.tunnel is not None:  # (server and upstream are then the proxy's)
+        kind, far_end = conn.tunnel
+        row("tunnel", f"to {far_end}, through the {'SOCKS' if kind == 'socks' else 'HTTP'} "
+                      "proxy above")
     row("hostname", conn.hostname)
     row("process", f"{conn.pid} {conn.command or ''}".strip() if conn.pid else conn.command)
     row("SNI", conn.sni)
