@@ -335,8 +335,9 @@ class TapuiApp(App[int]):
             self.notify(str(exc), severity="warning", markup=False)
             return
         self.notify(f"Replaying flow #{flow.id}…", markup=False)
-        self.run_worker(lambda: self._replay(replayer, flow), thread=True, name="replay",
-                        group="replay")
+        detail = self.screen if isinstance(self.screen, FlowDetail) else None
+        self.run_worker(lambda: self._replay(replayer, flow, None, detail), thread=True,
+                        name="replay", group="replay")
 
     def action_edit_replay(self) -> None:
         """The flow's request in $VISUAL or $EDITOR; what is saved there is sent to the same
@@ -394,16 +395,21 @@ class TapuiApp(App[int]):
             self.notify(f"Not sent: {exc}", severity="error", markup=False)
             return
         self.notify(f"Sending flow #{flow.id}'s request, edited…", markup=False)
-        self.run_worker(lambda: self._replay(replayer, flow, request), thread=True,
+        detail = self.screen if isinstance(self.screen, FlowDetail) else None
+        self.run_worker(lambda: self._replay(replayer, flow, request, detail), thread=True,
                         name="replay", group="replay")
 
-    def _replay(self, replayer: Replayer, flow: Flow, edited: Request | None = None) -> None:
-        """Runs in a worker thread: the server may take its time."""
+    def _replay(self, replayer: Replayer, flow: Flow, edited: Request | None,
+                detail: FlowDetail | None) -> None:
+        """Runs in a worker thread: the server may take its time. Started from a flow's detail
+        screen, the new flow's replaces it (still open), so its answer is in view."""
         try:
             new = replayer.replay(flow, edited)
         except ReplayError as exc:
             self.call_from_thread(self.notify, str(exc), severity="warning", markup=False)
             return
+        if detail is not None:
+            self.call_from_thread(self._show_instead, detail, new)
         if new.error:
             self.call_from_thread(self.notify, f"Replay of #{flow.id} (#{new.id}): {new.error}",
                                   severity="error", markup=False)
@@ -411,6 +417,10 @@ class TapuiApp(App[int]):
         status = f"{new.response.status} {new.response.reason}" if new.response else "no answer"
         self.call_from_thread(self.notify, f"Replayed #{flow.id} as #{new.id}: {status}",
                               markup=False)
+
+    def _show_instead(self, detail: FlowDetail, flow: Flow) -> None:
+        if self.screen is detail:
+            self.switch_screen(FlowDetail(flow, detail.terms))
 
     def action_export(self) -> None:
         detail = self.screen.flow if isinstance(self.screen, FlowDetail) else None

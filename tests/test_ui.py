@@ -675,6 +675,13 @@ async def test_replay_adds_the_new_exchange_to_the_list(http_server) -> None:
         assert f"Replayed #{flow.id} as #{replayed.id}: 200 OK" in notes
         await pilot.press("enter")  # the new flow opens like any other
         assert isinstance(app.screen, FlowDetail)
+        await pilot.press("r")  # from a flow's screen: the new flow's takes its place
+        await app.workers.wait_for_complete()
+        await wait_for(pilot, lambda: isinstance(app.screen, FlowDetail)
+                       and app.screen.flow.id not in (flow.id, replayed.id))
+        assert app.screen.flow.response.status == 200 and len(http_server.requests) == 2
+        await pilot.press("q")  # and q goes back to the list
+        assert not isinstance(app.screen, FlowDetail)
 
 
 @asynctest
