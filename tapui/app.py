@@ -318,22 +318,29 @@ class TapuiApp(App[int]):
         self.call_from_thread(self.notify, f"Wrote {saved.written:,} bytes to {saved.path}{note}",
                               markup=False)
 
-    def action_replay(self) -> None:
-        """Send the flow's request again from tapui; the answer comes as a new flow."""
+    def _to_replay(self) -> tuple[Flow, Replayer] | None:
+        """The flow to replay and the replayer, or None (and the user told why)."""
         flow = self.current_flow()
         if flow is None:
             self.notify("No flow selected.", severity="warning")
-            return
-        replayer = self.replayer
-        if replayer is None:
+            return None
+        if self.replayer is None:
             self.notify("Replay works in a live session (tapui -- COMMAND), not in a saved one.",
                         severity="warning")
-            return
+            return None
         try:
-            replayer.check(flow)
+            self.replayer.check(flow)
         except ReplayError as exc:
             self.notify(str(exc), severity="warning", markup=False)
+            return None
+        return flow, self.replayer
+
+    def action_replay(self) -> None:
+        """Send the flow's request again from tapui; the answer comes as a new flow."""
+        target = self._to_replay()
+        if target is None:
             return
+        flow, replayer = target
         self.notify(f"Replaying flow #{flow.id}…", markup=False)
         detail = self.screen if isinstance(self.screen, FlowDetail) else None
         self.run_worker(lambda: self._replay(replayer, flow, None, detail), thread=True,
@@ -342,22 +349,13 @@ class TapuiApp(App[int]):
     def action_edit_replay(self) -> None:
         """The flow's request in $VISUAL or $EDITOR; what is saved there is sent to the same
         server, and its answer comes as a new flow."""
-        flow = self.current_flow()
-        if flow is None:
-            self.notify("No flow selected.", severity="warning")
+        target = self._to_replay()
+        if target is None:
             return
-        replayer = self.replayer
-        if replayer is None:
-            self.notify("Replay works in a live session (tapui -- COMMAND), not in a saved one.",
-                        severity="warning")
-            return
+        flow, replayer = target
+        assert flow.request is not None  # (check() saw to it)
         try:
-            replayer.check(flow)
-            assert flow.request is not None
             text = request_to_text(flow.request)
-        except ReplayError as exc:
-            self.notify(str(exc), severity="warning", markup=False)
-            return
         except RequestTextError as exc:
             self.notify(f"Flow #{flow.id}'s request cannot be edited as text: {exc} "
                         "(r replays it as it is).", severity="warning", markup=False)

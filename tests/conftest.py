@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
-from tests import servers
+from tests import servers, tls_servers
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = Path(__file__).resolve().parent / "clients"
@@ -214,3 +215,32 @@ def run_measuring_peak_rss(command: list[str], **kwargs: object) -> tuple[subpro
         time.sleep(0.05)
     out, err = proc.communicate()
     return proc, out, err, peak
+
+
+# --- TLS servers, with certificates from a trustme CA that tapui is told to trust ------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The CA's certificate as a PEM file, for --upstream-ca."""
+    path = tmp_path_factory.mktemp("ca") / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def https(ca: trustme.CA, pool: bytes) -> Iterator[servers._ThreadingServer]:
+    server = tls_servers.https_server(ca, pool)
+    with servers.running(server):
+        yield server
+
+
+@pytest.fixture
+def h2server(ca: trustme.CA, pool: bytes) -> Iterator[tls_servers.H2Server]:
+    with tls_servers.running_h2(ca, pool) as server:
+        yield server

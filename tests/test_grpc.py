@@ -48,11 +48,6 @@ def say(request: bytes, context: grpc.ServicerContext) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def grpc_ports(ca: trustme.CA) -> Iterator[dict[str, int]]:
     """One grpcio server on the host's loopback: a plain (h2c) port and a TLS port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[Echo()])

@@ -6,7 +6,6 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,31 +21,6 @@ from tests.conftest import HOST, run_tapui
 from tests.ui_fixtures import make_flow, raw_flow
 
 pytestmark = pytest.mark.usefixtures("sandbox")
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("ca") / "upstream-ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
-@pytest.fixture
-def https(ca: trustme.CA, pool: bytes) -> Iterator[servers._ThreadingServer]:
-    server = tls_servers.https_server(ca, pool)
-    with servers.running(server):
-        yield server
-
-
-@pytest.fixture
-def h2server(ca: trustme.CA, pool: bytes) -> Iterator[tls_servers.H2Server]:
-    with tls_servers.running_h2(ca, pool) as server:
-        yield server
 
 
 def recorded(tmp_path: Path, *command: str, options: tuple[str, ...] = ()) -> Flow:

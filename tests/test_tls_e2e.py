@@ -24,31 +24,6 @@ PY = sys.executable
 SCHEMA = json.loads((Path(__file__).parent / "har_schema.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("ca") / "upstream-ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
-@pytest.fixture
-def https(ca: trustme.CA, pool: bytes) -> Iterator[servers._ThreadingServer]:
-    server = tls_servers.https_server(ca, pool)
-    with servers.running(server):
-        yield server
-
-
-@pytest.fixture
-def h2server(ca: trustme.CA, pool: bytes) -> Iterator[tls_servers.H2Server]:
-    with tls_servers.running_h2(ca, pool) as server:
-        yield server
-
-
 def tapui_https(ca_file: str, *command: str, har: Path | None = None, extra: tuple = ()):  # type: ignore[no-untyped-def]
     args = ["--no-ui", "--upstream-ca", ca_file, *extra]
     if har is not None:
