@@ -153,18 +153,24 @@ class Replayer:
         conn.timings.connect = time.time()
         if not https:
             return sock
-        if self._context is None:
-            self._context = tls.new_upstream_context(self.options.insecure,
-                                                     self.options.upstream_ca)
-        self._context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
         try:
-            tls_sock = self._context.wrap_socket(sock, server_hostname=conn.sni)
+            with self._lock:  # (replays may run at once: the ALPN list is the context's)
+                if self._context is None:
+                    self._context = tls.new_upstream_context(self.options.insecure,
+                                                             self.options.upstream_ca)
+                self._context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
+                tls_sock = self._context.wrap_socket(  # (the list is copied in here)
+                    sock, server_hostname=conn.sni, do_handshake_on_connect=False)
+                self._sockets.discard(sock)  # (the SSLSocket took over its fd)
+                self._sockets.add(tls_sock)
         except BaseException:
             self._forget(sock)
             raise
-        with self._lock:  # (the SSLSocket took over the fd: shutting it down still works)
-            self._sockets.discard(sock)
-            self._sockets.add(tls_sock)
+        try:
+            tls_sock.do_handshake()
+        except BaseException:
+            self._forget(tls_sock)
+            raise
         conn.timings.tls = time.time()
         conn.alpn = tls_sock.selected_alpn_protocol()
         conn.tls_version = tls_sock.version()
