@@ -497,7 +497,8 @@ class TapuiApp(App[int]):
             ("Flow list", list(FlowList.BINDINGS)),
             ("Everywhere", [*self.BINDINGS, Binding("ctrl+p", "command_palette",
                                                     "Command palette")]),
-            ("Flow detail", [*FlowDetail.BINDINGS, *BodyView.BINDINGS]),
+            ("Flow detail", [b for b in (*FlowDetail.BINDINGS, *BodyView.BINDINGS)
+                             if not b.action.startswith("app.")]),  # (listed as the app's)
             ("Filter bar", [Binding("enter", "", "Keep filter and close"),
                             *FilterBar.BINDINGS]),
         ]

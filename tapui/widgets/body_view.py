@@ -59,7 +59,7 @@ class BodyView(ScrollView, can_focus=True):
         Binding("G", "scroll_end", "Bottom", show=False),
         Binding("n", "match(1)", "Next match", show=False),
         Binding("N", "match(-1)", "Previous match", show=False),
-        Binding("v", "next_view", "View: auto, text, hex", show=False),
+        Binding("v", "next_view", "View mode"),
     ]
 
     def __init__(self, *, page_size: int = PAGE_SIZE, id: str | None = None) -> None:

@@ -106,6 +106,9 @@ class FlowDetail(Screen):
 
     BINDINGS = [
         Binding("q,escape", "back", "Back"),
+        # The app's, shown in this screen's footer (the list's has no room for them):
+        Binding("b", "app.save_body", "Save body"),
+        Binding("r", "app.replay", "Replay"),
         Binding("1", "tab('tab-request')", "Request", show=False),
         Binding("2", "tab('tab-response')", "Response", show=False),
         Binding("3", "tab('tab-timing')", "Timing", show=False),
