@@ -29,6 +29,7 @@ _EXAMPLES = [
     (f"tapui -- curl -s https://{HOST_ALIAS}:8443/", "live UI of every exchange curl makes"),
     ("tapui --no-ui -- python3 app.py", "one line per exchange on stderr"),
     ("tapui --no-ui --har out.har -- ./build.sh", "also write a HAR file at exit"),
+    ("tapui --no-ui -v --filter '~d api' -- ./app", "headers too, of the api hosts' exchanges"),
     ("tapui --add-host api.test:127.0.0.1 -- node app.js", "api.test dials the host's loopback"),
     ("tapui -p 8000 -- python3 -m http.server", "localhost:8000 on the host reaches it"),
     ("tapui open out.har", "browse a saved HAR file"),
