@@ -73,6 +73,7 @@ class TapuiApp(App[int]):
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("slash,f", "filter", "Filter"),
         Binding("c", "copy_curl", "Copy curl"),
+        Binding("u", "copy_url", "Copy URL", show=False),
         Binding("b", "save_body", "Save body", show=False),
         Binding("r", "replay", "Replay", show=False),
         Binding("R", "edit_replay", "Edit and replay", show=False),
@@ -284,6 +285,16 @@ class TapuiApp(App[int]):
         preview = command if len(command) <= 300 else command[:299] + "…"
         self.notify(preview, title=f"Copied curl command ({len(command):,} chars) via "
                     + ", ".join(used), markup=False)
+
+    def action_copy_url(self) -> None:
+        flow = self.current_flow()
+        if flow is None or flow.request is None:
+            self.notify("No flow with a URL selected.", severity="warning")
+            return
+        url = flow.request.url
+        used = clipboard.copy(self, url)
+        self.last_copied = url
+        self.notify(url, title="Copied URL via " + ", ".join(used), markup=False)
 
     def action_save_body(self) -> None:
         """The body shown (the request's on the Request tab, else the response's) to a file."""
@@ -514,6 +525,7 @@ class TapuiApp(App[int]):
             ("Filter flows", "Open the filter bar (/ or f)", self.action_filter),
             ("Copy as curl", "Copy the selected flow as a curl command (c)",
              self.action_copy_curl),
+            ("Copy URL", "Copy the selected flow's URL (u)", self.action_copy_url),
             ("Save body", "Write the shown body to a file, decoded (b)", self.action_save_body),
             ("Replay", "Send the selected flow's request again; the answer is a new flow (r)",
              self.action_replay),

@@ -580,6 +580,8 @@ async def test_copy_as_curl() -> None:
         assert app.last_copied == to_curl(flows[0])
         await pilot.press("q", "end", "c")  # raw TCP: nothing to copy
         assert app.last_copied == to_curl(flows[0])
+        await pilot.press("home", "u")  # the URL alone
+        assert app.last_copied == app.clipboard == "https://api.example.test/v1/users/7?expand=items"
 
 
 async def _export(pilot, app: TapuiApp, key: str, path: Path) -> None:
