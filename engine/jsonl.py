@@ -43,6 +43,8 @@ def flow_to_json(flow: Flow) -> dict[str, Any]:
         "command": conn.command,
         "inbound": conn.inbound,
         "error": flow.error,
+        "request_headers": [list(h) for h in req.headers] if req else None,
+        "response_headers": [list(h) for h in resp.headers] if resp else None,
     }
 
 

@@ -71,6 +71,8 @@ def test_jsonl_streams_one_object_per_flow(http_port: int, tmp_path: Path) -> No
         ("GET", f"{url}/hello", 200), ("GET", f"{url}/json", 200)
     ]
     assert all(f["pid"] and f["command"].startswith("curl") for f in flows)
+    assert ["Accept", "*/*"] in flows[0]["request_headers"]
+    assert ["Content-Type", "application/json"] in flows[1]["response_headers"]
 
 
 def test_ca_command_shows_path_fingerprint_and_pem(tmp_path: Path) -> None:
