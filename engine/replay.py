@@ -144,9 +144,10 @@ class Replayer:
                 raise ConnectionAbortedError(errno.ECONNABORTED, "tapui is quitting")
             self._sockets.add(sock)
         conn.client = sock.getsockname()[:2]
-        if conn.tunnel is not None:  # (the original went through an HTTP proxy's tunnel)
+        if conn.tunnel is not None:  # (the original went through a proxy's tunnel)
+            kind, far_end = conn.tunnel
             try:
-                _open_tunnel(sock, conn.tunnel[1])
+                (_open_socks5 if kind == "socks" else _open_tunnel)(sock, far_end)
             except BaseException:
                 self._forget(sock)
                 raise
@@ -204,9 +205,6 @@ def _replayable(flow: Flow, edited: Request | None = None) -> tuple[Request, byt
                           "replay sends only what the command sent.")
     if flow.conn.upstream is None:
         raise ReplayError(f"Flow #{flow.id} never reached a server: nothing to replay it to.")
-    if flow.conn.tunnel is not None and flow.conn.tunnel[0] != "connect":
-        raise ReplayError(f"Flow #{flow.id} went through a SOCKS proxy: replay goes through "
-                          "HTTP proxies (CONNECT) only.")
     if request.method.upper() == "CONNECT":
         raise ReplayError(f"Flow #{flow.id} is a CONNECT tunnel: it cannot be replayed.")
     request = edited or request
@@ -232,6 +230,33 @@ def _open_tunnel(sock: socket.socket, target: str) -> None:
     parts = status.split(" ", 2)
     if len(parts) < 2 or not parts[1].startswith("2"):
         raise ConnectionError(f"the proxy did not open a tunnel to {target}: {status}")
+
+
+def _open_socks5(sock: socket.socket, target: str) -> None:
+    """The same through a SOCKS proxy, in SOCKS5 by name and without a login (whatever the
+    original's version: SOCKS4 servers are rare and most speak 5 too)."""
+    host, _, port = target.rpartition(":")
+    name = host.strip("[]").encode("idna")
+    sock.sendall(b"\x05\x01\x00")  # version 5, one method: no login
+    if _recv_exact(sock, 2) != b"\x05\x00":
+        raise ConnectionError("the SOCKS proxy wants a login (replay has none to give)")
+    sock.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + int(port).to_bytes(2, "big"))
+    reply = _recv_exact(sock, 4)
+    if reply[1] != 0:
+        raise ConnectionError(f"the SOCKS proxy did not open a tunnel to {target} "
+                              f"(reply code {reply[1]})")
+    size = {1: 4, 4: 16}.get(reply[3]) or _recv_exact(sock, 1)[0]
+    _recv_exact(sock, size + 2)  # the proxy's bound address and port
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the proxy closed the connection instead of opening a tunnel")
+        data += chunk
+    return data
 
 
 def _reason(exc: BaseException) -> str:

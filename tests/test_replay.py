@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -191,8 +192,43 @@ def test_a_flow_through_a_proxys_tunnel_is_replayed_through_a_new_tunnel(
     assert replayed.conn.tunnel == flow.conn.tunnel
 
 
-def test_a_flow_through_a_socks_proxy_is_not_replayed() -> None:
-    flow = make_flow(7)
-    flow.conn.tunnel = ("socks", "api.example.test:443")
-    with pytest.raises(ReplayError, match="went through a SOCKS proxy"):
-        Replayer(FlowBus(), ReplayOptions()).replay(flow)
+@pytest.mark.parametrize("proxy", ["socks5h://127.0.0.1:{port}", "socks4a://127.0.0.1:{port}",
+                                   "socks5h://who:secret@127.0.0.1:{port}"])
+def test_a_flow_through_a_socks_proxy_is_replayed_through_a_new_tunnel(
+    https: servers._ThreadingServer, ca_file: str, tmp_path: Path, proxy: str
+) -> None:
+    port = https.server_address[1]
+    socks = servers.socks_proxy()
+    with servers.running(socks) as proxy_port:
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env["all_proxy"] = proxy.format(port=proxy_port)  # (the host's: tapui points it there)
+        session = tmp_path / "run.tapui"
+        result = run_tapui("--no-ui", "-q", "--upstream-ca", ca_file, "--save", str(session),
+                           "--", "curl", "-sS", f"https://api.example.test:{port}/hello", env=env)
+        assert result.returncode == 0, result.stderr
+        [flow] = [f for f in SessionStore(session) if f.request is not None]
+        assert flow.conn.tunnel == ("socks", f"api.example.test:{port}")
+        replayed = Replayer(FlowBus(), ReplayOptions(upstream_ca=[ca_file])).replay(flow)
+    assert replayed.error is None, replayed.error
+    assert replayed.response is not None and replayed.response.body.read() == (
+        b"hello from the host\n")
+    # (replay asks in SOCKS5 without a login: this proxy grants that too)
+    assert [target for target, _ in socks.targets] == [f"api.example.test:{port}"] * 2  # type: ignore[attr-defined]
+
+
+def test_a_socks_proxy_that_wants_a_login_gives_a_flow_that_says_so() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def refuse() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(3)
+                conn.sendall(b"\x05\xff")  # no acceptable method: a login is needed
+
+        thread = threading.Thread(target=refuse)
+        thread.start()
+        flow = make_flow(10**9, scheme="http", authority="api.example.test", path="/")
+        flow.conn.upstream = listener.getsockname()
+        flow.conn.tunnel = ("socks", "api.example.test:80")
+        replayed = Replayer(FlowBus(), ReplayOptions()).replay(flow)
+        thread.join(5)
+    assert replayed.error == "replay: the SOCKS proxy wants a login (replay has none to give)"
