@@ -238,11 +238,22 @@ def next_connection_id() -> int:
     return next(_conn_ids)
 
 
+def _next_flow_id() -> int:
+    return next(_flow_ids)
+
+
+def continue_flow_ids_after(last: int) -> None:
+    """Number new flows after `last`: flows added to a saved session (replays in `tapui
+    open`) then keep the ids its rows have, as a live session's do."""
+    global _flow_ids
+    _flow_ids = itertools.count(max(next(_flow_ids), last + 1))
+
+
 @dataclass
 class Flow:
     conn: Connection
     kind: FlowKind = FlowKind.HTTP
-    id: int = field(default_factory=_flow_ids.__next__)
+    id: int = field(default_factory=_next_flow_id)
     state: FlowState = FlowState.OPEN
     request: Request | None = None
     response: Response | None = None
@@ -312,6 +323,10 @@ class FlowBus:
         # A tuple, replaced whole on (un)subscribe: emitting reads it without the lock.
         self._listeners: tuple[FlowListener, ...] = ()
         self._lock = threading.Lock()
+
+    @property
+    def listeners(self) -> tuple[FlowListener, ...]:
+        return self._listeners
 
     def subscribe(self, listener: FlowListener) -> None:
         with self._lock:

@@ -30,6 +30,7 @@ from engine.flow import (
     Body,
     Certificate,
     Connection,
+    EventKind,
     Flow,
     FlowBus,
     FlowEvent,
@@ -162,8 +163,9 @@ class SessionStore:
     def apply(self, events: Iterable[FlowEvent]) -> bool:
         return self.drain()
 
-    def add(self, flows: Iterable[Flow]) -> None:
-        """Write finished flows into the session file (e.g. an imported HAR)."""
+    def add(self, flows: Iterable[Flow], refresh: bool = True) -> None:
+        """Write finished flows into the session file (e.g. an imported HAR); without
+        `refresh`, the view takes them in at the next drain() (the UI's next tick)."""
         db = session_db.SessionDB(self.path)
         try:
             db.begin()
@@ -176,7 +178,8 @@ class SessionStore:
         finally:
             db.rollback()
             db.close()
-        self.drain()
+        if refresh:
+            self.drain()
 
     def _refresh(self) -> None:
         with self._lock:
@@ -285,6 +288,10 @@ class SessionStore:
 
     def __len__(self) -> int:
         return self._count
+
+    def last_row(self) -> int:
+        """The highest flow row id in the file (0 when it has none)."""
+        return self._query("SELECT coalesce(max(id), 0) FROM flows")[0][0]
 
     def __iter__(self) -> Iterator[Flow]:
         """Every flow in arrival order, built one page at a time (never all in memory)."""
@@ -473,3 +480,21 @@ def _flow(ident: int, kind: str, state: str, error: str | None, d: dict[str, Any
         flow.response = Response(status, reason, version, _headers(headers),
                                  bodies.get((ident, 1)) or Body(cap=0), _headers(trailers))
     return flow
+
+
+class AddToSession:
+    """A FlowBus listener that writes each finished flow into a saved session file (replays
+    made while browsing it with `tapui open`); the store reading the file then lists them."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+        self.error: str | None = None  # why the last flow could not be written, if it could not
+
+    def __call__(self, event: FlowEvent) -> None:
+        if event.kind is not EventKind.DONE:
+            return
+        try:
+            self.store.add([event.flow], refresh=False)  # (from the replay's thread: the UI's
+            self.error = None  # own drain then sees the change, and repaints the list)
+        except (sqlite3.Error, OSError) as exc:  # a read-only file, a full disk
+            self.error = f"could not add it to {self.store.path}: {exc}"

@@ -22,11 +22,11 @@ from textual.widgets import Footer
 from engine.body_file import BodyFileError, Side, body_filename, save_body, unused_path
 from engine.curl import CurlError, to_curl
 from engine.filters import FilterError, search_terms
-from engine.flow import Flow, FlowBus, Request
-from engine.replay import Replayer, ReplayError
+from engine.flow import Flow, FlowBus, Request, continue_flow_ids_after
+from engine.replay import Replayer, ReplayError, ReplayOptions
 from engine.request_text import RequestTextError, request_to_text, text_to_request
 from engine.runstatus import CommandState, RunStatus
-from engine.session_store import SessionStore
+from engine.session_store import AddToSession, SessionStore
 from engine.store import FlowStore
 from tapui import clipboard
 from tapui.filter_history import FilterHistory, filter_history_file
@@ -336,8 +336,7 @@ class TapuiApp(App[int]):
             self.notify("No flow selected.", severity="warning")
             return None
         if self.replayer is None:
-            self.notify("Replay works in a live session (tapui -- COMMAND), not in a saved one.",
-                        severity="warning")
+            self.notify("Nothing here can send a request again.", severity="warning")
             return None
         try:
             self.replayer.check(flow)
@@ -419,6 +418,12 @@ class TapuiApp(App[int]):
             return
         if detail is not None:
             self.call_from_thread(self._show_instead, detail, new)
+        kept = next((listener for listener in replayer.bus.listeners
+                     if isinstance(listener, AddToSession)), None)
+        if kept is not None and kept.error:  # (browsing a saved session: not in its list)
+            self.call_from_thread(self.notify, f"Replayed #{flow.id}, but {kept.error}",
+                                  severity="error", markup=False)
+            return
         if new.error:
             self.call_from_thread(self.notify, f"Replay of #{flow.id} (#{new.id}): {new.error}",
                                   severity="error", markup=False)
@@ -550,7 +555,17 @@ class TapuiApp(App[int]):
             yield SystemCommand(title, help_text, callback)
 
 
-def run_viewer(path: str, initial_filter: str = "") -> int:
+def saved_session_replayer(store: SessionStore, options: ReplayOptions) -> Replayer:
+    """Replays while browsing a saved session: the new flows are written into its file (the
+    list reads them from there), numbered after its last row."""
+    continue_flow_ids_after(store.last_row())
+    bus = FlowBus()
+    bus.subscribe(AddToSession(store))
+    return Replayer(bus, options)
+
+
+def run_viewer(path: str, initial_filter: str = "",
+               replay_options: ReplayOptions | None = None) -> int:
     """`tapui open FILE`: browse a session file or a HAR file. Returns the exit code."""
     from engine.errors import TapuiError
     from engine.har import HarError
@@ -566,8 +581,10 @@ def run_viewer(path: str, initial_filter: str = "") -> int:
         print(f"tapui: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
+        replayer = saved_session_replayer(store, replay_options or ReplayOptions())
         TapuiApp(store=store, title=f"tapui · {os.path.basename(path)}",
-                 filter_history=filter_history_file(), initial_filter=initial_filter).run()
+                 filter_history=filter_history_file(), initial_filter=initial_filter,
+                 replayer=replayer).run()
     finally:
         store.close()
     return 0

@@ -78,7 +78,7 @@ def publish_arg(text: str) -> Published:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapui",
-        usage="tapui [options] [--] [COMMAND [ARGS...]]\n       tapui open [--filter EXPR] [FILE | N]\n"
+        usage="tapui [options] [--] [COMMAND [ARGS...]]\n       tapui open [--filter EXPR] [--upstream-ca FILE] [--insecure] [FILE | N]\n"
         "       tapui sessions\n       tapui ca [--pem FILE]",
         description=(
             "Run COMMAND in a rootless sandbox and show every HTTP and HTTPS exchange it makes. "
@@ -276,8 +276,13 @@ def cmd_open(argv: list[str]) -> int:
     )
     parser.add_argument("--filter", metavar="EXPR", default="",
                         help="open with this filter applied (the filter bar's syntax)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="replays (r): do not verify the servers' certificates")
+    parser.add_argument("--upstream-ca", metavar="FILE", action="append", default=[],
+                        help="replays (r): also trust the CA certificates in FILE (repeatable)")
     args = parser.parse_args(argv)
     from engine.filters import FilterError, parse
+    from engine.replay import ReplayOptions
     from engine.sessions import session_to_open
     from tapui.app import run_viewer
 
@@ -285,7 +290,12 @@ def cmd_open(argv: list[str]) -> int:
         parse(args.filter)
     except FilterError as exc:
         parser.error(f"--filter {args.filter!r}: {exc.message} at character {exc.pos + 1}")
-    return run_viewer(session_to_open(args.file), args.filter)
+    for path in args.upstream_ca:
+        why = "no such file" if not os.path.isfile(path) else unloadable_ca(path)
+        if why:
+            parser.error(f"--upstream-ca {path}: {why}")
+    return run_viewer(session_to_open(args.file), args.filter,
+                      ReplayOptions(args.insecure, list(args.upstream_ca)))
 
 
 def cmd_run(argv: list[str]) -> int:

@@ -232,3 +232,44 @@ def test_a_socks_proxy_that_wants_a_login_gives_a_flow_that_says_so() -> None:
         replayed = Replayer(FlowBus(), ReplayOptions()).replay(flow)
         thread.join(5)
     assert replayed.error == "replay: the SOCKS proxy wants a login (replay has none to give)"
+
+
+def test_a_replay_while_browsing_a_saved_session_is_added_to_it(
+    http_server: servers._ThreadingServer, tmp_path: Path
+) -> None:
+    """`tapui open FILE`, then r: the new flow is written into the file, after its rows."""
+    import asyncio
+
+    from tapui.app import TapuiApp, saved_session_replayer
+
+    port = http_server.server_address[1]
+    recorded(tmp_path, "curl", "-sS", f"http://{HOST}:{port}/json")
+    session = tmp_path / "run.tapui"
+    store = SessionStore(session)
+    rows = store.last_row()
+    [original] = [f for f in store if f.request is not None]
+
+    async def browse() -> None:
+        app = TapuiApp(store=store, replayer=saved_session_replayer(store, ReplayOptions()),
+                       initial_filter="~m GET")
+        async with app.run_test(size=(140, 30)) as pilot:
+            await pilot.press("r")
+            await app.workers.wait_for_complete()
+            for _ in range(100):
+                await pilot.pause(0.05)
+                if app.store.view_len == 2:
+                    break
+            assert app.store.view_len == 2
+            await pilot.pause(0.2)
+            # (the list took it in: its rows were resized and repainted, not only counted)
+            assert app.flow_list.virtual_size.height == 3
+            notes = [n.message for n in app._notifications]
+            assert f"Replayed #{original.id} as #{rows + 1}: 200 OK" in notes, notes
+
+    asyncio.run(browse())
+    store.close()
+    again = [f for f in SessionStore(session) if f.request is not None]
+    assert [(f.id, f.request.path, f.response.status) for f in again] == [
+        (original.id, "/json", 200), (rows + 1, "/json", 200)]
+    assert again[1].conn.command == f"replay of #{original.id}"
+    assert len(http_server.requests) == 2
