@@ -97,7 +97,8 @@ class TapuiApp(App[int]):
         initial_filter: str = "",
     ) -> None:
         """`filter_history`: the file that keeps the filters across runs (none: this run's).
-        `replayer`: sends a flow's request again (a live session's; none when browsing).
+        `replayer`: sends a flow's request again (a live run's; when browsing a saved session,
+        one that adds the new flows to its file: see saved_session_replayer).
         `initial_filter`: applied from the start (a valid expression: --filter checked it)."""
         super().__init__()
         self.replayer = replayer
