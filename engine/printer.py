@@ -105,8 +105,8 @@ def _body_preview(body: Body, headers: Headers) -> list[str]:
     if text is None:
         return [f"[{body.size:,} bytes, {kind}, not text]"]
     lines = text.splitlines() or [""]
-    if body.size > BODY_PREVIEW or body.truncated:
-        lines.append(f"[… {body.size:,} bytes in all]")
+    if body.size > BODY_PREVIEW or body.truncated or len(text) >= BODY_PREVIEW:
+        lines.append(f"[… {body.size:,} bytes in all]")  # (as sent: a compressed body's)
     return lines
 
 
