@@ -243,10 +243,11 @@ def _next_flow_id() -> int:
 
 
 def continue_flow_ids_after(last: int) -> None:
-    """Number new flows after `last`: flows added to a saved session (replays in `tapui
-    open`) then keep the ids its rows have, as a live session's do."""
+    """Number new flows from `last` + 1: flows added to a saved session (replays in `tapui
+    open`) then have the ids its rows get, as a live session's do. (For the one session a
+    process browses: flows numbered before are not looked at again.)"""
     global _flow_ids
-    _flow_ids = itertools.count(max(next(_flow_ids), last + 1))
+    _flow_ids = itertools.count(last + 1)
 
 
 @dataclass

@@ -155,6 +155,8 @@ class FlowDetail(Screen):
 
     def render_flow(self, first: bool = False) -> None:
         """Render the flow again when it progressed since the last render."""
+        if not self.query("#response-view"):  # (switched to, not composed yet: on_mount will)
+            return
         flow = self.flow
         signature = _signature(flow)
         if signature == self._signature:
