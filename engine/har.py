@@ -307,6 +307,8 @@ def har_entry(flow: Flow) -> dict[str, Any]:
         "pid": conn.pid,
         "command": conn.command,
         "inbound": conn.inbound,
+        "upstream": list(conn.upstream) if conn.upstream else None,  # (where a replay goes)
+        "tunnel": list(conn.tunnel) if conn.tunnel else None,
     }
     return entry
 
@@ -416,6 +418,8 @@ def _connection(entry: dict[str, Any], conns: dict[str, Connection], url_port: i
         pid=extra.get("pid"),
         command=extra.get("command"),
         inbound=bool(extra.get("inbound")),
+        upstream=tuple(extra["upstream"]) if extra.get("upstream") else None,  # type: ignore[arg-type]
+        tunnel=tuple(extra["tunnel"]) if extra.get("tunnel") else None,  # type: ignore[arg-type]
     )
     if key:
         conns[key] = conn

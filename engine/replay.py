@@ -24,6 +24,7 @@ import h2.events
 import h2.exceptions
 
 from engine import tls
+from engine.addresses import HOST_ALIAS
 from engine.curl import COMPUTED_HEADERS
 from engine.flow import (
     DEFAULT_BODY_CAP,
@@ -88,12 +89,12 @@ class Replayer:
         flow cannot be replayed at all."""
         request, body = _replayable(flow, edited)
         original = flow.conn
-        assert original.upstream is not None
         http2 = request.http_version.upper().startswith("HTTP/2")
         https = request.scheme == "https"
         conn = Connection(
             id=next_connection_id(), client=("", 0), server=original.server,
-            upstream=original.upstream, hostname=original.hostname, tunnel=original.tunnel,
+            upstream=original.upstream or _url_address(request), hostname=original.hostname,
+            tunnel=original.tunnel,
             sni=(original.sni or request.host) if https else None,
             pid=os.getpid(), timings=Timings(),
             command=f"replay of #{flow.id}" + (", edited" if edited else ""),
@@ -203,8 +204,6 @@ def _replayable(flow: Flow, edited: Request | None = None) -> tuple[Request, byt
     if flow.conn.inbound:
         raise ReplayError(f"Flow #{flow.id} came in from the host (a published port): "
                           "replay sends only what the command sent.")
-    if flow.conn.upstream is None:
-        raise ReplayError(f"Flow #{flow.id} never reached a server: nothing to replay it to.")
     if request.method.upper() == "CONNECT":
         raise ReplayError(f"Flow #{flow.id} is a CONNECT tunnel: it cannot be replayed.")
     request = edited or request
@@ -212,6 +211,16 @@ def _replayable(flow: Flow, edited: Request | None = None) -> tuple[Request, byt
         raise ReplayError(f"Flow #{flow.id}'s request body was kept only in part "
                           f"({request.body.kept:,} of {request.body.size:,} bytes).")
     return request, request.body.read() if request.body.kept else b""
+
+
+def _url_address(request: Request) -> tuple[str, int]:
+    """Where to send a request whose flow does not say which address was dialled (one read
+    from another tool's HAR file): its URL's host and port, the host alias being the host's
+    loopback, as inside the sandbox."""
+    host = request.host
+    _, colon, port = request.authority.rpartition(":")
+    number = int(port) if colon and port.isdigit() else 443 if request.scheme == "https" else 80
+    return ("127.0.0.1" if host.lower() == HOST_ALIAS else host), number
 
 
 def _open_tunnel(sock: socket.socket, target: str) -> None:
