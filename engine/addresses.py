@@ -71,6 +71,11 @@ class AddressPlan:
         return None
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_add_host(spec: str) -> tuple[str, str]:
     """`NAME:IP` (IPv6 in brackets or bare) -> (name, ip); ValueError with a clear message."""
     name, sep, ip = spec.partition(":")

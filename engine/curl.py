@@ -11,6 +11,14 @@ COMPUTED_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-a
          "http2-settings", "te", "proxy-connection"}
 
 
+def sendable_headers(request: Request) -> list[tuple[str, str]]:
+    """The request's headers that a sender passes on as they are: not HTTP/2's pseudo-headers,
+    nor those it computes itself (framing, hop-by-hop: COMPUTED_HEADERS). Shared by the curl
+    command, replay and edit-and-replay."""
+    return [(name, value) for name, value in request.headers
+            if not name.startswith(":") and name.lower() not in COMPUTED_HEADERS]
+
+
 class CurlError(ValueError):
     """The flow has no request to reproduce."""
 
@@ -70,9 +78,9 @@ def to_curl(flow: Flow) -> str:
     names = {name.lower() for name, _ in request.headers}
     if "accept-encoding" in names:
         args.append("--compressed")
-    for name, value in request.headers:
+    for name, value in sendable_headers(request):
         lname = name.lower()
-        if lname.startswith(":") or lname in COMPUTED_HEADERS or lname == "accept-encoding":
+        if lname == "accept-encoding":
             continue
         if lname == "host" and value.lower() == request.authority.lower():
             continue

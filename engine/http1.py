@@ -22,6 +22,7 @@ import h11
 from h11 import _readers as h11_readers
 from h11._receivebuffer import ReceiveBuffer
 
+from engine.addresses import host_port
 from engine.flow import (
     DEFAULT_BODY_CAP,
     Body,
@@ -134,11 +135,9 @@ def bypass(reader: BodyReader, buffered: int, available: int) -> int:
 
 def format_authority(address: tuple[str, int], scheme: str) -> str:
     host, port = address[0], address[1]
-    if ":" in host:
-        host = f"[{host}]"
     if (scheme, port) in (("http", 80), ("https", 443)):
-        return host
-    return f"{host}:{port}"
+        return f"[{host}]" if ":" in host else host
+    return host_port(host, port)
 
 
 def new_flow(conn: Connection, base: Timings | None) -> Flow:

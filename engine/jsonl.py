@@ -7,14 +7,12 @@ import json
 import threading
 from typing import IO, Any
 
+from engine.addresses import host_port
 from engine.flow import EventKind, Flow, FlowEvent
 
 
 def _address(addr: tuple[str, int] | None) -> str | None:
-    if not addr:
-        return None
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(addr[0], addr[1]) if addr else None
 
 
 def flow_to_json(flow: Flow) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine import browser_trust, procinfo, sniff, tls
-from engine.addresses import AddressPlan
+from engine.addresses import AddressPlan, host_port
 from engine.ca import CertificateAuthority
 from engine.dns import DnsResolver
 from engine.flow import Connection, ConnectionSummary, FlowBus, Timings, next_connection_id
@@ -782,8 +782,7 @@ class Relay:
         connection."""
         observer = self.observer
         if isinstance(observer, SocksObserver) and observer.target is not None:
-            host, port = observer.target
-            self.info.tunnel = ("socks", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            self.info.tunnel = ("socks", host_port(*observer.target))
         elif getattr(observer, "tunnel_target", None):
             self.info.tunnel = ("connect", observer.tunnel_target)  # type: ignore[union-attr]
         self._close_observer(None)  # (the CONNECT flow is done)

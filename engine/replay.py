@@ -17,6 +17,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import h2.config
 import h2.connection
@@ -25,7 +26,7 @@ import h2.exceptions
 
 from engine import tls
 from engine.addresses import HOST_ALIAS
-from engine.curl import COMPUTED_HEADERS
+from engine.curl import sendable_headers
 from engine.flow import (
     DEFAULT_BODY_CAP,
     Body,
@@ -199,7 +200,7 @@ class Replayer:
 
 def _replayable(flow: Flow, edited: Request | None = None) -> tuple[Request, bytes]:
     request = flow.request
-    if request is None or flow.kind not in (FlowKind.HTTP,):
+    if request is None or flow.kind is not FlowKind.HTTP:
         raise ReplayError(f"Flow #{flow.id} has no HTTP request to replay.")
     if flow.conn.inbound:
         raise ReplayError(f"Flow #{flow.id} came in from the host (a published port): "
@@ -217,10 +218,13 @@ def _url_address(request: Request) -> tuple[str, int]:
     """Where to send a request whose flow does not say which address was dialled (one read
     from another tool's HAR file): its URL's host and port, the host alias being the host's
     loopback, as inside the sandbox."""
-    host = request.host
-    _, colon, port = request.authority.rpartition(":")
-    number = int(port) if colon and port.isdigit() else 443 if request.scheme == "https" else 80
-    return ("127.0.0.1" if host.lower() == HOST_ALIAS else host), number
+    url = urlsplit(request.url)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # (not a port number: the scheme's)
+        port = 443 if url.scheme == "https" else 80
+    host = url.hostname or request.host
+    return ("127.0.0.1" if host == HOST_ALIAS else host), port
 
 
 def _open_tunnel(sock: socket.socket, target: str) -> None:
@@ -279,10 +283,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def _headers(request: Request) -> list[tuple[str, str]]:
-    """The recorded headers less those the sender computes (framing, hop-by-hop)."""
-    return [(name, value) for name, value in request.headers
-            if not name.startswith(":") and name.lower() not in COMPUTED_HEADERS
-            and name.lower() != "expect"]  # (the body goes at once: no 100-continue)
+    """The recorded headers a replay sends as they are (the body goes at once, so no Expect:
+    100-continue either)."""
+    return [(name, value) for name, value in sendable_headers(request)
+            if name.lower() != "expect"]
 
 
 def _exchange_h1(sock: socket.socket, request: Request, body: bytes,

@@ -15,7 +15,7 @@ with a Content-Encoding is shown decoded and encoded again when read back.
 from __future__ import annotations
 
 from engine.content import ContentDecodeError, decode_body, encode_body
-from engine.curl import COMPUTED_HEADERS
+from engine.curl import sendable_headers
 from engine.flow import Body, Request, header
 
 
@@ -40,11 +40,8 @@ def request_to_text(request: Request) -> str:
     body = _body_text(request)
     version = "HTTP/2" if request.http_version.upper().startswith("HTTP/2") else "HTTP/1.1"
     lines = [f"{request.method} {request.path} {version}", f"Host: {request.authority}"]
-    for name, value in request.headers:
-        lname = name.lower()
-        if lname.startswith(":") or lname == "host" or lname in COMPUTED_HEADERS:
-            continue
-        lines.append(f"{name}: {value}")
+    lines += [f"{name}: {value}" for name, value in sendable_headers(request)
+              if name.lower() != "host"]  # (the line above carries the authority)
     return "\n".join(lines) + "\n\n" + body
 
 

@@ -6,14 +6,12 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
+from engine.addresses import host_port
 from engine.flow import Flow
 
 
 def _addr(addr: tuple[str, int] | None) -> str:
-    if addr is None:
-        return "–"
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(*addr) if addr is not None else "–"
 
 
 def render_connection(flow: Flow) -> Table:
