@@ -264,6 +264,24 @@ def cmd_ca(argv: list[str]) -> int:
     return 0
 
 
+def check_filter(parser: argparse.ArgumentParser, expr: str) -> None:
+    """A usage error, naming where, when `expr` (--filter) is not a filter expression."""
+    from engine.filters import FilterError, parse
+
+    try:
+        parse(expr)
+    except FilterError as exc:
+        parser.error(f"--filter {expr!r}: {exc.message} at character {exc.pos + 1}")
+
+
+def check_upstream_ca(parser: argparse.ArgumentParser, paths: list[str]) -> None:
+    """A usage error for an --upstream-ca file that is missing or holds no certificate."""
+    for path in paths:
+        why = "no such file" if not os.path.isfile(path) else unloadable_ca(path)
+        if why:
+            parser.error(f"--upstream-ca {path}: {why}")
+
+
 def cmd_open(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="tapui open", description="Browse a saved session file or a HAR file."
@@ -281,19 +299,12 @@ def cmd_open(argv: list[str]) -> int:
     parser.add_argument("--upstream-ca", metavar="FILE", action="append", default=[],
                         help="replays (r): also trust the CA certificates in FILE (repeatable)")
     args = parser.parse_args(argv)
-    from engine.filters import FilterError, parse
     from engine.replay import ReplayOptions
     from engine.sessions import session_to_open
     from tapui.app import run_viewer
 
-    try:
-        parse(args.filter)
-    except FilterError as exc:
-        parser.error(f"--filter {args.filter!r}: {exc.message} at character {exc.pos + 1}")
-    for path in args.upstream_ca:
-        why = "no such file" if not os.path.isfile(path) else unloadable_ca(path)
-        if why:
-            parser.error(f"--upstream-ca {path}: {why}")
+    check_filter(parser, args.filter)
+    check_upstream_ca(parser, args.upstream_ca)
     return run_viewer(session_to_open(args.file), args.filter,
                       ReplayOptions(args.insecure, list(args.upstream_ca)))
 
@@ -314,12 +325,7 @@ def cmd_run(argv: list[str]) -> int:
                 f"exchanges are printed here{saved}",
                 file=sys.stderr,
             )
-    for path in args.upstream_ca:
-        if not os.path.isfile(path):
-            parser.error(f"--upstream-ca {path}: no such file")
-        why = unloadable_ca(path)
-        if why:
-            parser.error(f"--upstream-ca {path}: {why}")
+    check_upstream_ca(parser, args.upstream_ca)
     import re
 
     for pattern in args.ignore_hosts:
@@ -330,12 +336,10 @@ def cmd_run(argv: list[str]) -> int:
     if args.save and args.no_save:
         parser.error("--save and --no-save exclude each other")
     if args.filter is not None:
-        from engine.filters import FilterError, OutputFilter
+        from engine.filters import OutputFilter
 
-        try:
-            args.filter = OutputFilter(args.filter)
-        except FilterError as exc:
-            parser.error(f"--filter {args.filter!r}: {exc.message} at character {exc.pos + 1}")
+        check_filter(parser, args.filter)
+        args.filter = OutputFilter(args.filter)
     if args.har:
         why = unwritable(args.har)
         if why:  # said now, not after the command has run
